@@ -1,0 +1,119 @@
+"""The insert pass: attach pairs to a copy of the model per the Plan, as forward hooks.
+
+The paired model stays an instance of the user's class (HF outputs, .train()/.eval(), save_pretrained
+all keep working). A consumer-route pair runs at each absorbing layer's input, after the ops that
+commute with it, so the paired forward is exactly the function the fold produces; a producer-route
+pair runs at the producer's output. The probe M1(h) is read where h itself is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.pairs import Pair, PairDict
+from surgery.plan import Placement, Plan
+
+
+@dataclass
+class _Action:
+    pair: Pair
+    placement: Placement
+    apply: bool  # run M2 M1 on the tensor
+    record: bool  # store the probe M1(h)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.placement
+        if self.apply:
+            return self.pair(x, p.axis, p.inner, add_bias=p.bias, record=self.record)
+        if self.record:
+            self.pair.record(x, p.axis)
+        return x
+
+
+class InputPairs:
+    """Forward pre-hook: runs pairs on the module's first input."""
+
+    def __init__(self, actions: list[_Action]) -> None:
+        self.actions = actions
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            x = args[0]
+            for action in self.actions:
+                x = action(x)
+            return (x, *args[1:]), kwargs
+        key = next(iter(kwargs))
+        x = kwargs[key]
+        for action in self.actions:
+            x = action(x)
+        return args, {**kwargs, key: x}
+
+
+class OutputPairs:
+    """Forward hook: runs pairs on the module's output tensor."""
+
+    def __init__(self, actions: list[_Action], path: str) -> None:
+        self.actions = actions
+        self.path = path
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            raise RuntimeError(
+                f"surgery: module {self.path} returned {type(output).__name__}, not the tensor the plan expects"
+            )
+        for action in self.actions:
+            output = action(output)
+        return output
+
+
+def _same_place(a: Placement, b: Placement) -> bool:
+    return (a.module, a.where, a.axis, a.inner, a.outer) == (
+        b.module,
+        b.where,
+        b.axis,
+        b.inner,
+        b.outer,
+    )
+
+
+def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
+    """Register `pairs` on `model` (as `model.pairs`) and the hooks that run them per `plan`."""
+    model.add_module("pairs", pairs)
+    hooks: dict[tuple[str, str], list[_Action]] = {}
+    for site in plan.sites:
+        pair = pairs[site.name]
+        probe_seen = False
+        for placement in site.route.placements:
+            record = site.probe is not None and _same_place(placement, site.probe)
+            probe_seen |= record
+            hooks.setdefault((placement.module, placement.where), []).append(
+                _Action(pair, placement, True, record)
+            )
+        if site.probe is not None and not probe_seen:
+            hooks.setdefault((site.probe.module, site.probe.where), []).append(
+                _Action(pair, site.probe, False, True)
+            )
+    for (path, where), actions in hooks.items():
+        module = model.get_submodule(path)
+        if where == "input":
+            module.register_forward_pre_hook(InputPairs(actions), with_kwargs=True)
+        else:
+            module.register_forward_hook(OutputPairs(actions, path))
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the pairs and their hooks from `model` in place (the thin skeleton is left)."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [
+                k for k, hook in hooks.items() if isinstance(hook, (InputPairs, OutputPairs))
+            ]:
+                del hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+    if "pairs" in model._modules:
+        del model._modules["pairs"]
+    model.__dict__.pop("plan", None)

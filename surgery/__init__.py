@@ -1,0 +1,24 @@
+"""surgery: insert widen/narrow pairs at block boundaries, train, fold them back exactly."""
+
+from .blocks import BlockTable, Boundary, find_blocks
+from .errors import CaptureError, FoldError, PlanError, SurgeryError
+from .fold import fold, fold_state_dict
+from .paired import insert_pairs
+from .pairs import Pair, probe
+from .plan import Plan
+
+__all__ = [
+    "BlockTable",
+    "Boundary",
+    "CaptureError",
+    "FoldError",
+    "Pair",
+    "Plan",
+    "PlanError",
+    "SurgeryError",
+    "find_blocks",
+    "fold",
+    "fold_state_dict",
+    "insert_pairs",
+    "probe",
+]

@@ -1,0 +1,344 @@
+"""analyse, part 1: block boundaries of a captured model.
+
+A boundary is a tensor through which all activation flow from the input to the outputs passes: a
+dominator of the outputs in the networkx dataflow graph rooted at the activation input (side inputs
+such as masks are not activations and do not count). A boundary followed only by ops that commute
+with a channel mix (pooling, flatten, dropout, ...) is one boundary, named after where it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from torch import nn
+
+from surgery.rewrites import channel_ops
+from surgery.rewrites.common import RuleContext
+
+from .capture import capture
+from .graph import Dataflow, Layout, Op
+from .plan import Placement, Route
+from .report import render_table
+from .routes import find_route
+
+_SINK = "__outputs__"
+
+
+@dataclass
+class Boundary:
+    """One block boundary: where it is, how wide, and how a pair there folds (or why it cannot)."""
+
+    name: str
+    tensor: str
+    feeds: str  # the blocks that read it
+    shape: tuple[int, ...]
+    feature_axis: int
+    width: int
+    route: Route | None
+    reason: str | None
+    probe: Placement | None
+    aliases: list[str] = field(default_factory=list)
+    inside_block: bool = False  # a cut between the layers of an innermost block (hidden by default)
+
+    @property
+    def foldable(self) -> bool:
+        return self.route is not None
+
+
+class BlockTable(list):
+    """The boundaries of a model, in forward order; prints as a table."""
+
+    def __init__(self, boundaries: list[Boundary], flow: Dataflow, bias: bool) -> None:
+        super().__init__(boundaries)
+        self.flow = flow
+        self.bias = bias
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self]
+
+    @property
+    def foldable(self) -> list[Boundary]:
+        return [b for b in self if b.foldable]
+
+    def get(self, name: str) -> Boundary:
+        """A boundary by its name or any alias (e.g. 'layer1.2' for 'layer1', 'avgpool' for 'layer4')."""
+        for boundary in self:
+            if name == boundary.name or name in boundary.aliases:
+                return boundary
+        raise KeyError(name)
+
+    def rows(self) -> list[list[Any]]:
+        rows = []
+        for i, b in enumerate(self):
+            if b.route is not None:
+                detail = ", ".join(b.route.absorbed_by)
+                if b.route.kept:
+                    detail += f"; h kept on: {', '.join(b.route.kept)}"
+                if b.route.notes:
+                    detail += f"; {'; '.join(b.route.notes)}"
+                fold = b.route.kind
+            else:
+                detail, fold = b.reason or "", "refused"
+            rows.append(
+                [
+                    i,
+                    b.name,
+                    b.feeds,
+                    "x".join(map(str, b.shape)),
+                    b.feature_axis,
+                    b.width,
+                    fold,
+                    detail,
+                ]
+            )
+        return rows
+
+    def __str__(self) -> str:
+        shapes = ", ".join("x".join(map(str, s)) for s in self.flow.example_shapes)
+        return render_table(
+            f"Block boundaries of {self.flow.model_class.rsplit('.', 1)[-1]} (input {shapes}, {self.flow.method})",
+            ["#", "site", "feeds", "shape", "axis", "width", "fold", "absorbed by / why not"],
+            self.rows(),
+            caption=f"{len(self.foldable)} of {len(self)} boundaries fold exactly"
+            + (" with a pair bias" if self.bias else ""),
+        )
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def find_blocks(
+    model: nn.Module, example_inputs: Any = None, *, bias: bool = False, inside_blocks: bool = False
+) -> BlockTable:
+    """Block boundaries of `model` with their fold routes or the reasons they cannot fold.
+
+    `example_inputs`: a tensor or tuple of positional inputs (synthesised from the first layer when
+    None). `bias`: plan for pairs with biases (fewer boundaries can absorb them). `inside_blocks`:
+    also list the cuts inside the innermost blocks (e.g. between the layers of a chain-shaped block)."""
+    return analyse(capture(model, example_inputs), bias=bias, inside_blocks=inside_blocks)
+
+
+def analyse(flow: Dataflow, *, bias: bool = False, inside_blocks: bool = False) -> BlockTable:
+    """Boundaries of a captured model (see find_blocks)."""
+    ctx = RuleContext(flow, bias)
+    axes = feature_axes(flow, ctx.users)
+    groups = [
+        g for g in _boundary_groups(flow, axes) if _ends_a_block_or_is_top_level(flow, g, ctx.users)
+    ]
+    inside = _inside_innermost_blocks(flow, groups, ctx.users)
+    if not inside_blocks:
+        groups = [g for g in groups if g[0] not in inside]
+    boundaries = []
+    for group in groups:
+        head = flow.ops[group[0]]
+        layout = Layout(axes[head.name], (head.shape or ())[axes[head.name]])
+        route, reason = find_route(head, layout, ctx)
+        name, aliases = _names(flow, group, ctx.users)
+        boundaries.append(
+            Boundary(
+                name=name,
+                tensor=head.name,
+                feeds=_next_blocks(flow, group, ctx.users),
+                shape=tuple(head.shape or ()),
+                feature_axis=layout.axis,
+                width=layout.d,
+                route=route,
+                reason=reason,
+                probe=_probe(flow, head, layout, route, ctx.users),
+                aliases=aliases,
+                inside_block=head.name in inside,
+            )
+        )
+    return BlockTable(_unique_names(boundaries), flow, bias)
+
+
+def dataflow_graph(flow: Dataflow) -> nx.DiGraph:
+    """The activation dataflow: ops reachable from the activation input, plus a sink after the outputs."""
+    graph = nx.DiGraph()
+    for op in flow.ops.values():
+        graph.add_node(op.name)
+        for src in op.inputs:
+            graph.add_edge(src, op.name)
+    for out in flow.outputs:
+        graph.add_edge(out, _SINK)
+    source = flow.inputs[0]
+    return graph.subgraph(nx.descendants(graph, source) | {source}).copy()
+
+
+def cut_tensors(flow: Dataflow) -> list[str]:
+    """Single-tensor cuts between the activation input and the outputs, in forward order."""
+    if not flow.inputs:
+        return []
+    graph = dataflow_graph(flow)
+    if _SINK not in graph:
+        return []
+    idom = nx.immediate_dominators(graph, flow.inputs[0])
+    chain = []
+    node = idom[_SINK]
+    while node != flow.inputs[0]:
+        chain.append(node)
+        node = idom[node]
+    return [n for n in reversed(chain) if n not in flow.outputs]
+
+
+def feature_axes(flow: Dataflow, users: dict[str, list[str]]) -> dict[str, int]:
+    """The feature axis of every tensor: 1 in conv land (N, C, ...), else the last axis."""
+    axes: dict[str, int] = {}
+    for op in flow.ops.values():
+        rank = len(op.shape or ())
+        if op.kind == "input":
+            reads_conv = any(flow.ops[u].kind in ("conv", "batch_norm") for u in users[op.name])
+            axes[op.name] = 1 if reads_conv and rank >= 2 else max(rank - 1, 0)
+        elif op.kind in ("conv", "batch_norm"):
+            axes[op.name] = 1 if rank >= 2 else 0
+        elif op.inputs and op.kind not in ("linear", "embedding", "norm", "attention", "matmul"):
+            src = flow.ops[op.inputs[0]]
+            axes[op.name] = _follow(op, src, axes.get(src.name, 0), rank)
+        else:
+            axes[op.name] = max(rank - 1, 0)
+    return axes
+
+
+def _follow(op: Op, src: Op, axis: int, rank: int) -> int:
+    if not src.shape or axis >= len(src.shape):
+        return max(rank - 1, 0)
+    if op.kind == "transparent":
+        moved = channel_ops.propagate(op, Layout(axis, src.shape[axis]), src.shape)
+        return moved.axis if isinstance(moved, Layout) else max(rank - 1, 0)
+    return axis if rank == len(src.shape) else max(rank - 1, 0)
+
+
+def _boundary_groups(flow: Dataflow, axes: dict[str, int]) -> list[list[str]]:
+    """Cut tensors, with each cut merged into the previous one when a commuting op is all between them."""
+    groups: list[list[str]] = []
+    for name in cut_tensors(flow):
+        op = flow.ops[name]
+        if not op.shape or op.dtype is None or not op.dtype.is_floating_point:
+            continue
+        if groups and op.kind == "transparent" and op.inputs == [groups[-1][-1]]:
+            src = flow.ops[groups[-1][-1]]
+            if isinstance(
+                channel_ops.propagate(
+                    op, Layout(axes[src.name], src.shape[axes[src.name]]), src.shape
+                ),
+                Layout,
+            ):
+                groups[-1].append(name)
+                continue
+        groups.append([name])
+    return groups
+
+
+def _ends_a_block_or_is_top_level(
+    flow: Dataflow, group: list[str], users: dict[str, list[str]]
+) -> bool:
+    """A cut in the middle of a module's forward (e.g. before its last activation) is not a boundary."""
+    head = flow.ops[group[0]]
+    return not head.scope or any(
+        flow.module_calls.get(s, 1) == 1 for s in _ended_scopes(flow, group, users)
+    )
+
+
+def _inside_innermost_blocks(
+    flow: Dataflow, groups: list[list[str]], users: dict[str, list[str]]
+) -> set[str]:
+    """Cuts strictly inside an innermost block: a custom module (not a container, not a leaf) whose
+    output is a cut and that holds no other such module (a MobileNet InvertedResidual, a BertAttention)."""
+    ended = {g[0]: set(_ended_scopes(flow, g, users)) for g in groups}
+    blocks = {s for scopes in ended.values() for s in scopes if flow.module_kinds.get(s) == "block"}
+    innermost = {b for b in blocks if not any(o != b and o.startswith(b + ".") for o in blocks)}
+    return {
+        h for h in ended if any(b in flow.ops[h].scope and b not in ended[h] for b in innermost)
+    }
+
+
+def _escapes(flow: Dataflow, group: list[str], users: dict[str, list[str]]) -> list[Op]:
+    members = set(group)
+    return [flow.ops[u] for m in group for u in users[m] if u not in members]
+
+
+def _ended_scopes(flow: Dataflow, group: list[str], users: dict[str, list[str]]) -> list[str]:
+    """Module scopes that h leaves (h is their result), outermost first."""
+    head = flow.ops[group[0]]
+    outside = _escapes(flow, group, users)
+    is_output = any(m in flow.outputs for m in group)
+    return [s for s in head.scope if is_output or any(s not in u.scope for u in outside)]
+
+
+def _names(flow: Dataflow, group: list[str], users: dict[str, list[str]]) -> tuple[str, list[str]]:
+    ended = [s for s in _ended_scopes(flow, group, users) if flow.module_calls.get(s, 1) == 1]
+    aliases = ended[1:] + [m for m in group if m not in ended]
+    if ended:
+        return ended[0], aliases
+    head = flow.ops[group[0]]
+    inner = head.scope[-1] if head.scope else ""
+    name = f"{inner}:{head.name}" if inner else head.name
+    return name, [a for a in [head.name, *group[1:]] if a != name]
+
+
+def _next_blocks(flow: Dataflow, group: list[str], users: dict[str, list[str]]) -> str:
+    tail = flow.ops[group[-1]]
+    found = []
+    for user in _escapes(flow, group, users):
+        entered = [s for s in user.scope if s not in tail.scope]
+        found.append(entered[0] if entered else user.module or user.name)
+    if any(m in flow.outputs for m in group):
+        found.append("output")
+    return ", ".join(dict.fromkeys(found)) or "-"
+
+
+def _unique_names(boundaries: list[Boundary]) -> list[Boundary]:
+    seen: set[str] = set()
+    for b in boundaries:
+        if b.name in seen:
+            b.aliases.append(b.name)
+            b.name = f"{b.name}:{b.tensor}"
+        seen.add(b.name)
+    return boundaries
+
+
+def _probe(
+    flow: Dataflow, head: Op, layout: Layout, route: Route | None, users: dict[str, list[str]]
+) -> Placement | None:
+    """Where the paired model can read h to compute the WIN probe M1(h), or None."""
+    if route is not None and route.kind != "consumer":
+        return route.placements[0] if len(route.placements) == 1 else None
+    trivial = Placement("", "input", layout.axis)
+    if route is not None:
+        for p in route.placements:
+            module_input = next(
+                (
+                    u
+                    for u in users[head.name]
+                    if flow.ops[u].module == p.module and p.where == "input"
+                ),
+                None,
+            )
+            if module_input and (p.outer, p.inner, p.axis) == (1, 1, layout.axis):
+                return p
+    group = [head.name]
+    for scope in _ended_scopes(flow, group, users):
+        if flow.module_calls.get(scope, 1) != 1:
+            continue
+        inside = [o for o in flow.ops.values() if scope in o.scope]
+        escaping = {
+            o.name
+            for o in inside
+            if o.name in flow.outputs or any(scope not in flow.ops[u].scope for u in users[o.name])
+        }
+        if escaping == {head.name}:
+            return Placement(scope, "output", layout.axis)
+    if head.module and flow.module_calls.get(head.module, 1) == 1:
+        return Placement(head.module, "output", layout.axis)
+    for u in users[head.name]:
+        user = flow.ops[u]
+        if (
+            user.module
+            and flow.module_calls.get(user.module, 1) == 1
+            and user.inputs[:1] == [head.name]
+        ):
+            return Placement(user.module, "input", layout.axis, bias=trivial.bias)
+    return None

@@ -1,0 +1,429 @@
+"""capture: nn.Module + example inputs -> `Dataflow` (canonical ops with shapes and parameter names).
+
+`torch.fx.symbolic_trace` first (keeps module calls, cheap); if it cannot trace the model,
+`torch.export.export(strict=False)`. Shapes come from running the traced graph on the example inputs
+(fx) or from export's fake-tensor metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from . import normalize
+from .errors import CaptureError, PlanError
+from .graph import Dataflow, Op
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def as_example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
+    """Normalise example inputs to a tuple; synthesise one batch from the first layer when None."""
+    if example_inputs is None:
+        return _synthesise_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise PlanError(
+        f"example_inputs must be a tensor or a tuple of the model's positional inputs, got {type(example_inputs).__name__}"
+    )
+
+
+def _synthesise_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            spatial = [64] * len(module.kernel_size)
+            return (torch.randn(2, module.in_channels, *spatial, device=device, dtype=dtype),)
+        if isinstance(module, nn.Linear):
+            return (torch.randn(2, module.in_features, device=device, dtype=dtype),)
+        if isinstance(module, nn.Embedding):
+            return (torch.randint(0, module.num_embeddings, (2, 16), device=device),)
+    raise PlanError(
+        f"cannot guess an input for {type(model).__name__}: pass example_inputs, e.g. (torch.randn(2, 3, 64, 64),)"
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run shape propagation without touching BatchNorm running statistics; restore modes after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """'file:line: code' of the innermost frame outside torch and this package."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if (
+            not path.startswith(_TORCH_DIR)
+            and not path.startswith(_OWN_DIR)
+            and "<" not in frame.filename
+        ):
+            return (
+                f"{os.path.basename(frame.filename)}:{frame.lineno}: {(frame.line or '').strip()}"
+            )
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+class _PathTracer(fx.Tracer):
+    """symbolic_trace that remembers the innermost module it was inside when tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_in: tuple[str, str] | None = None
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m) or "<root>", type(m).__name__)
+            raise
+
+
+def capture(model: nn.Module, example_inputs: Any = None) -> Dataflow:
+    """Capture `model` on `example_inputs` into a Dataflow; raise CaptureError naming what failed."""
+    inputs = as_example_inputs(model, example_inputs)
+    tracer = _PathTracer()
+    try:
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as fx_error:  # noqa: BLE001 - any trace failure means: try torch.export
+        where = tracer.failed_in
+        fx_reason = _first_line(fx_error)
+        fx_where = f"module '{where[0]}' ({where[1]})" if where else "the top-level forward"
+        frame = _user_frame(fx_error)
+        fx_msg = f"torch.fx.symbolic_trace failed inside {fx_where}{f' at {frame}' if frame else ''}: {fx_reason}"
+        return _capture_export(model, inputs, fx_msg)
+    with torch.no_grad(), _eval_mode(model):
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as error:  # noqa: BLE001
+            raise _input_mismatch(model, inputs, error) from error
+    return _fx_dataflow(model, gm, inputs)
+
+
+def _input_mismatch(model: nn.Module, inputs: Sequence[Any], error: BaseException) -> PlanError:
+    shapes = ", ".join(
+        str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs
+    )
+    frame = _user_frame(error)
+    return PlanError(
+        f"the example inputs ({shapes}) do not fit {type(model).__name__}: {_first_line(error)}"
+        f"{f' at {frame}' if frame else ''}. Pass inputs the model accepts, e.g. the shape of one training batch."
+    )
+
+
+def _example_shapes(inputs: Sequence[Any]) -> list[tuple[int, ...]]:
+    return [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+
+
+def _scope(
+    meta: dict[str, Any], scope_types: dict[str, str], calls: dict[str, set[str]]
+) -> tuple[str, ...]:
+    stack = meta.get("nn_module_stack") or {}
+    paths = []
+    for key, (path, cls) in stack.items():
+        if not path:
+            continue
+        paths.append(path)
+        scope_types[path] = cls if isinstance(cls, str) else cls.__name__
+        calls.setdefault(path, set()).add(str(key))
+    return tuple(paths)
+
+
+def _rank(meta: Any) -> int:
+    return len(meta.shape) if hasattr(meta, "shape") else 0
+
+
+def _param_aliases(model: nn.Module) -> dict[str, list[str]]:
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {
+        n: [m for m in names if m != n]
+        for names in by_tensor.values()
+        if len(names) > 1
+        for n in names
+    }
+
+
+def _module_kinds(model: nn.Module) -> dict[str, str]:
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    kinds = {}
+    for path, module in model.named_modules():
+        if path:
+            has_children = next(module.children(), None) is not None
+            kinds[path] = (
+                "container"
+                if isinstance(module, containers)
+                else "block"
+                if has_children
+                else "leaf"
+            )
+    return kinds
+
+
+def _finish(
+    model: nn.Module,
+    ops: dict[str, Op],
+    placeholders: list[str],
+    outputs: list[str],
+    method: str,
+    scope_types: dict[str, str],
+    calls: dict[str, set[str]],
+    inputs: Sequence[Any],
+) -> Dataflow:
+    module_calls = {path: len(keys) for path, keys in calls.items()}
+    for op in ops.values():
+        if op.module is not None and op.kind != "input":
+            module_calls.setdefault(op.module, 0)
+    # leaf modules called several times show up as several ops with the same module
+    leaf_counts: dict[str, int] = {}
+    for op in ops.values():
+        if op.module:
+            leaf_counts[op.module] = leaf_counts.get(op.module, 0) + 1
+    for path, count in leaf_counts.items():
+        module_calls[path] = max(module_calls.get(path, 0), count)
+    return Dataflow(
+        ops=ops,
+        inputs=placeholders[:1],
+        side_inputs=placeholders[1:],
+        outputs=outputs,
+        method=method,
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        module_calls=module_calls,
+        scope_types=scope_types,
+        module_kinds=_module_kinds(model),
+        param_aliases=_param_aliases(model),
+        example_shapes=_example_shapes(inputs),
+    )
+
+
+def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) -> Dataflow:
+    ops: dict[str, Op] = {}
+    placeholders: list[str] = []
+    outputs: list[str] = []
+    scope_types: dict[str, str] = {}
+    calls: dict[str, set[str]] = {}
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            outputs = [n.name for n in node.all_input_nodes if n.name in ops]
+            continue
+        meta = node.meta.get("tensor_meta")
+        if node.op == "get_attr" or meta is None:
+            continue
+        tensor_inputs = [n.name for n in node.all_input_nodes if n.name in ops]
+        param_args = [n for n in node.all_input_nodes if n.op == "get_attr"]
+        shape = tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+        dtype = meta.dtype if isinstance(meta, TensorMetadata) else None
+        scope = _scope(node.meta, scope_types, calls)
+        first_rank = (
+            _rank(ops[tensor_inputs[0]]) if tensor_inputs and ops[tensor_inputs[0]].shape else 0
+        )
+        module = None
+        params: dict[str, str] = {}
+        if node.op == "placeholder":
+            kind, attrs, label = "input", {}, node.target
+            placeholders.append(node.name)
+        elif node.op == "call_module":
+            sub = modules[node.target]
+            kind, attrs = normalize.classify_module(sub)
+            label, module = type(sub).__name__, node.target
+            params = {
+                role: f"{node.target}.{role}"
+                for role, value in _module_tensors(sub).items()
+                if value is not None
+            }
+        elif node.op == "call_function":
+            n_tensors = len(tensor_inputs) + len(param_args)
+            kind, attrs = normalize.classify_function(
+                node.target, node.args, node.kwargs, n_tensors, first_rank
+            )
+            label = getattr(node.target, "__name__", str(node.target))
+            if kind == "linear":
+                params = {
+                    role: arg.target
+                    for role, arg in zip(("weight", "bias"), node.args[1:])
+                    if isinstance(arg, fx.Node) and arg.op == "get_attr"
+                }
+            if label == "getitem":
+                kind, attrs = "other", {"why": "indexing"}
+        else:  # call_method
+            n_tensors = len(tensor_inputs) + len(param_args)
+            kind, attrs = normalize.classify_method(
+                node.target, node.args[1:], node.kwargs, n_tensors, first_rank
+            )
+            label = f".{node.target}()"
+        if kind == "transparent" and tensor_inputs and (len(tensor_inputs) > 1 or param_args):
+            kind, attrs = "other", {"why": f"{label} reads a second tensor"}
+        ops[node.name] = Op(
+            name=node.name,
+            kind=kind,
+            op=label,
+            inputs=tensor_inputs,
+            shape=shape,
+            dtype=dtype,
+            module=module,
+            params=params,
+            attrs=attrs,
+            scope=scope,
+            source=(node.stack_trace or "").strip().splitlines()[-1].strip()
+            if node.stack_trace
+            else None,
+        )
+    return _finish(
+        model, ops, placeholders, outputs, "torch.fx.symbolic_trace", scope_types, calls, inputs
+    )
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    found: dict[str, torch.Tensor | None] = dict(module.named_parameters(recurse=False))
+    found.update(
+        {k: v for k, v in module.named_buffers(recurse=False) if k != "num_batches_tracked"}
+    )
+    return found
+
+
+def _capture_export(model: nn.Module, inputs: tuple[Any, ...], fx_msg: str) -> Dataflow:
+    try:
+        with _eval_mode(model):
+            program = torch.export.export(model, inputs, strict=False)
+    except Exception as error:  # noqa: BLE001
+        frame = _user_frame(error)
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}. {fx_msg}. torch.export.export(strict=False) also failed"
+            f"{f' at {frame}' if frame else ''}: {_first_line(error)}. Fix: make control flow depend on "
+            "shapes, not tensor values (torch.where / torch.cond), or wrap the offending code in a "
+            "submodule and pass plain tensors as example_inputs."
+        ) from error
+    return _export_dataflow(model, program, inputs)
+
+
+def _export_dataflow(
+    model: nn.Module, program: torch.export.ExportedProgram, inputs: Sequence[Any]
+) -> Dataflow:
+    sig = program.graph_signature
+    param_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    user_inputs = list(sig.user_inputs)
+    ops: dict[str, Op] = {}
+    placeholders: list[str] = []
+    scope_types: dict[str, str] = {}
+    calls: dict[str, set[str]] = {}
+    outputs: list[str] = []
+    modules = dict(model.named_modules())
+    for node in program.graph.nodes:
+        if node.op == "output":
+            outputs = [n.name for n in node.all_input_nodes if n.name in ops]
+            continue
+        val = node.meta.get("val")
+        is_tensor = isinstance(val, torch.Tensor)
+        if node.op == "placeholder":
+            if node.name in user_inputs and is_tensor:
+                placeholders.append(node.name)
+                ops[node.name] = Op(
+                    node.name, "input", node.target, shape=tuple(val.shape), dtype=val.dtype
+                )
+            continue
+        if node.op != "call_function" or not (is_tensor or isinstance(val, (tuple, list))):
+            continue
+        tensor_inputs = [n.name for n in node.all_input_nodes if n.name in ops]
+        params = {}
+        for role, arg in zip(_ATEN_PARAM_ROLES.get(_short(node.target), ()), _param_slots(node)):
+            if isinstance(arg, fx.Node) and arg.name in param_names:
+                params[role] = param_names[arg.name]
+        first_rank = len(ops[tensor_inputs[0]].shape or ()) if tensor_inputs else 0
+        n_tensors = sum(1 for n in node.all_input_nodes if n.name in ops or n.name in param_names)
+        kind, attrs = normalize.classify_aten(node.target, node.args, n_tensors, first_rank)
+        label = str(node.target)
+        if _short(node.target) == "getitem":
+            source = ops.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
+            if source is not None and source.kind == "batch_norm" and node.args[1] == 0:
+                kind, attrs = "transparent", {"family": "pointwise"}
+            else:
+                kind, attrs = "other", {"why": "indexing"}
+        if kind == "transparent" and len(tensor_inputs) > 1:
+            kind, attrs = "other", {"why": f"{label} reads a second tensor"}
+        owner = _owning_module(params, modules)
+        ops[node.name] = Op(
+            name=node.name,
+            kind=kind,
+            op=label,
+            inputs=tensor_inputs,
+            shape=tuple(val.shape) if is_tensor else None,
+            dtype=val.dtype if is_tensor else None,
+            module=owner,
+            params=params,
+            attrs=attrs,
+            scope=_scope(node.meta, scope_types, calls),
+            source=(node.meta.get("stack_trace") or "").strip().splitlines()[-1].strip()
+            if node.meta.get("stack_trace")
+            else None,
+        )
+    return _finish(model, ops, placeholders, outputs, "torch.export", scope_types, calls, inputs)
+
+
+# aten ops that read parameters, and the roles of their parameter arguments in order
+_ATEN_PARAM_ROLES = {
+    "linear": ("weight", "bias"),
+    "conv1d": ("weight", "bias"),
+    "conv2d": ("weight", "bias"),
+    "conv3d": ("weight", "bias"),
+    "convolution": ("weight", "bias"),
+    "batch_norm": ("weight", "bias", "running_mean", "running_var"),
+    "_native_batch_norm_legit_no_training": ("weight", "bias", "running_mean", "running_var"),
+    "embedding": ("weight",),
+}
+
+
+def _short(target: Any) -> str:
+    """'conv2d' for aten.conv2d.default, 'getitem' for operator.getitem."""
+    text = str(target)
+    return text.split(".")[1] if text.startswith("aten.") else getattr(target, "__name__", text)
+
+
+def _param_slots(node: fx.Node) -> list[Any]:
+    if _short(node.target) == "embedding":
+        return [node.args[0]]
+    return list(node.args[1:])
+
+
+def _owning_module(params: dict[str, str], modules: dict[str, nn.Module]) -> str | None:
+    """The module whose call this aten op is: the owner of its weight, if that is an nn leaf we can hook."""
+    weight = params.get("weight")
+    if weight is None or "." not in weight:
+        return None
+    path = weight.rsplit(".", 1)[0]
+    module = modules.get(path)
+    if isinstance(
+        module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+    ):
+        return path
+    return None

@@ -1,0 +1,425 @@
+"""Map concrete ops (nn modules, torch functions, tensor methods, aten ops) to the canonical kinds of
+`surgery.graph`. One table per source; capture calls `classify_*` and never branches on op types itself.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Classified = tuple[str, dict[str, Any]]  # (kind, attrs)
+
+_NONLINEAR_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.PReLU,
+)
+_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+_SPATIAL_MODULES = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Upsample,
+)
+_MAXPOOL_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _conv_attrs(m: nn.modules.conv._ConvNd) -> dict[str, Any]:
+    return {
+        "stride": tuple(m.stride),
+        "padding": m.padding if isinstance(m.padding, str) else tuple(m.padding),
+        "dilation": tuple(m.dilation),
+        "groups": m.groups,
+        "padding_mode": m.padding_mode,
+        "kernel_size": tuple(m.kernel_size),
+        "transposed": m.transposed,
+    }
+
+
+def classify_module(m: nn.Module) -> Classified:
+    """Kind and attributes of a leaf module call."""
+    if isinstance(m, nn.Linear):
+        return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if m.transposed:
+            return "other", {"why": "transposed convolutions are not supported yet"}
+        return "conv", _conv_attrs(m)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "batch_norm", {
+            "eps": float(m.eps),
+            "affine": m.affine,
+            "track_running_stats": m.track_running_stats,
+        }
+    if isinstance(m, nn.Embedding):
+        return "embedding", {"max_norm": m.max_norm}
+    if isinstance(m, _DROPOUT_MODULES) or isinstance(m, nn.Identity):
+        return "transparent", {"family": "pointwise"}
+    if isinstance(m, (nn.Flatten, nn.Unflatten)):
+        return "transparent", {"family": "reshape"}
+    if isinstance(m, _SPATIAL_MODULES):
+        attrs: dict[str, Any] = {"family": "spatial"}
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+            attrs["count_include_pad"] = m.count_include_pad
+        return "transparent", attrs
+    if isinstance(m, _MAXPOOL_MODULES):
+        return "max_pool", {}
+    if isinstance(m, _NONLINEAR_MODULES):
+        return "nonlinear", {}
+    if isinstance(m, _NORM_MODULES):
+        return "norm", {}
+    if isinstance(m, nn.MultiheadAttention):
+        return "attention", {}
+    return "other", {}
+
+
+_NONLINEAR_FUNCTIONS = {
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.sigmoid,
+    F.tanh,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.softmax,
+    F.log_softmax,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.softmax,
+}
+_SPATIAL_FUNCTIONS = {
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.interpolate,
+    F.upsample,
+}
+_MAXPOOL_FUNCTIONS = {
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+}
+_NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.rms_norm}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as"}
+_POINTWISE_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as"}
+_NONLINEAR_METHODS = {"relu", "relu_", "sigmoid", "tanh", "softmax", "exp", "log", "abs", "square"}
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _binary(name: str, n_tensor_args: int, other: Any) -> Classified:
+    """add/mul/div between two activations, or with a Python scalar."""
+    if n_tensor_args >= 2:
+        return ("add" if name in ("add", "sub") else "mul"), {}
+    if name in ("mul", "div") and _is_scalar(other):
+        return "transparent", {"family": "pointwise", "what": f"{name} by a scalar"}
+    if name in ("add", "sub"):
+        return "other", {"why": f"{name} of a constant shifts the tensor (not a channel mix)"}
+    return "mul", {}
+
+
+_OPERATOR_BINARY = {
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    torch.sub: "sub",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    torch.div: "div",
+}
+
+
+def _dims_arg(args: Sequence[Any], kwargs: dict[str, Any], pos: int, key: str) -> Any:
+    if len(args) > pos:
+        return args[pos]
+    return kwargs.get(key)
+
+
+def _permutation(rank: int, name: str, args: Sequence[Any]) -> list[int] | None:
+    """Full permutation of a permute/transpose call on a tensor of `rank` dims (args after the tensor)."""
+    if name in ("permute",):
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        return [int(d) % rank for d in dims]
+    if name in ("transpose", "swapaxes", "swapdims"):
+        a, b = int(args[0]) % rank, int(args[1]) % rank
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if name == "t":
+        return [1, 0] if rank == 2 else list(range(rank))
+    return None
+
+
+def _reduce_attrs(rank: int, dims: Any, keepdim: Any) -> Classified:
+    if dims is None:
+        return "other", {"why": "reduces over every axis, the feature axis included"}
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return "transparent", {
+        "family": "reduce",
+        "dims": sorted(int(d) % rank for d in dims),
+        "keepdim": bool(keepdim),
+    }
+
+
+def classify_function(
+    fn: Any, args: Sequence[Any], kwargs: dict[str, Any], n_tensor_args: int, rank: int
+) -> Classified:
+    """Kind of an fx `call_function` node. `n_tensor_args` counts activation/parameter tensor args."""
+    if fn in _OPERATOR_BINARY:
+        other = args[1] if len(args) > 1 else None
+        first = args[0] if args else None
+        scalar = other if _is_scalar(other) else first
+        return _binary(_OPERATOR_BINARY[fn], n_tensor_args, scalar)
+    if fn is F.linear:
+        return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
+    if fn in (F.conv1d, F.conv2d, F.conv3d):
+        return "other", {
+            "why": "functional convolution: use an nn.Conv module so the pair has a module to attach to"
+        }
+    if fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
+        return "transparent", {"family": "pointwise"}
+    if fn in _SPATIAL_FUNCTIONS:
+        return "transparent", {"family": "spatial"}
+    if fn in _MAXPOOL_FUNCTIONS:
+        return "max_pool", {}
+    if fn in _NONLINEAR_FUNCTIONS:
+        return "nonlinear", {}
+    if fn in _NORM_FUNCTIONS:
+        return "norm", {}
+    if fn in _RESHAPE_FUNCTIONS:
+        return "transparent", {"family": "reshape"}
+    if fn in (torch.permute, torch.transpose, torch.swapaxes, torch.t):
+        name = {torch.permute: "permute", torch.t: "t"}.get(fn, "transpose")
+        return "transparent", {"family": "permute", "perm": _permutation(rank, name, args[1:])}
+    if fn in (torch.mean, torch.sum):
+        return _reduce_attrs(
+            rank, _dims_arg(args, kwargs, 1, "dim"), _dims_arg(args, kwargs, 2, "keepdim")
+        )
+    if fn in (torch.cat, torch.concat, torch.stack):
+        return "cat", {}
+    if fn in (torch.matmul, torch.bmm, torch.mm):
+        return "matmul", {}
+    if fn is F.scaled_dot_product_attention:
+        return "attention", {}
+    if fn is F.embedding:
+        return "other", {"why": "functional embedding: use nn.Embedding"}
+    return "other", {}
+
+
+def classify_method(
+    name: str, args: Sequence[Any], kwargs: dict[str, Any], n_tensor_args: int, rank: int
+) -> Classified:
+    """Kind of an fx `call_method` node (`args` excludes the tensor itself)."""
+    if name in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"):
+        return _binary(name.rstrip("_"), n_tensor_args, args[0] if args else None)
+    if name in _RESHAPE_METHODS:
+        return "transparent", {"family": "reshape"}
+    if name in _POINTWISE_METHODS:
+        return "transparent", {"family": "pointwise"}
+    if name in ("permute", "transpose", "swapaxes", "swapdims", "t"):
+        return "transparent", {"family": "permute", "perm": _permutation(rank, name, args)}
+    if name in ("mean", "sum"):
+        return _reduce_attrs(
+            rank, _dims_arg(args, kwargs, 0, "dim"), _dims_arg(args, kwargs, 1, "keepdim")
+        )
+    if name in _NONLINEAR_METHODS:
+        return "nonlinear", {}
+    if name in ("matmul", "bmm", "mm"):
+        return "matmul", {}
+    return "other", {}
+
+
+def _aten(name: str) -> str:
+    return name.split(".")[1] if name.startswith("aten.") else name
+
+
+_ATEN_NONLINEAR = {
+    "relu",
+    "relu_",
+    "gelu",
+    "gelu_",
+    "silu",
+    "silu_",
+    "sigmoid",
+    "tanh",
+    "hardtanh",
+    "hardtanh_",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "leaky_relu",
+    "elu",
+    "mish",
+    "softmax",
+    "_softmax",
+    "log_softmax",
+    "_log_softmax",
+    "prelu",
+}
+_ATEN_SPATIAL = {
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "_adaptive_avg_pool2d",
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "upsample_bilinear2d",
+    "upsample_bicubic2d",
+    "upsample_linear1d",
+    "upsample_trilinear3d",
+}
+_ATEN_MAXPOOL = {
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "max_pool2d_with_indices",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool1d",
+}
+_ATEN_RESHAPE = {
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "squeeze_",
+    "unsqueeze_",
+}
+_ATEN_POINTWISE = {
+    "dropout",
+    "dropout_",
+    "clone",
+    "contiguous",
+    "alias",
+    "_to_copy",
+    "to",
+    "lift_fresh_copy",
+    "feature_dropout",
+}
+_ATEN_NORM = {"layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm"}
+
+
+def classify_aten(target: Any, args: Sequence[Any], n_tensor_args: int, rank: int) -> Classified:
+    """Kind of a torch.export (aten) node; `args` excludes nothing (args[0] is the input)."""
+    name = _aten(str(target))
+    if name == "linear":
+        return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
+    if name in ("conv1d", "conv2d", "conv3d", "convolution"):
+        if name == "convolution":
+            stride, padding, dilation, transposed, _, groups = args[3:9]
+            if transposed:
+                return "other", {"why": "transposed convolutions are not supported yet"}
+        else:
+            stride, padding, dilation, groups = (list(args[3:7]) + [1, 0, 1, 1][len(args[3:7]) :])[
+                :4
+            ]
+        kernel = None
+        return "conv", {
+            "stride": tuple(stride) if isinstance(stride, (list, tuple)) else (stride,),
+            "padding": padding
+            if isinstance(padding, str)
+            else tuple(padding)
+            if isinstance(padding, (list, tuple))
+            else (padding,),
+            "dilation": tuple(dilation) if isinstance(dilation, (list, tuple)) else (dilation,),
+            "groups": int(groups),
+            "padding_mode": "zeros",
+            "kernel_size": kernel,
+            "transposed": False,
+        }
+    if name in ("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm"):
+        eps = (
+            args[7]
+            if name == "batch_norm"
+            else args[6]
+            if name == "_native_batch_norm_legit_no_training"
+            else args[7]
+        )
+        return "batch_norm", {
+            "eps": float(eps),
+            "affine": args[1] is not None,
+            "track_running_stats": args[3] is not None,
+        }
+    if name == "embedding":
+        return "embedding", {}
+    if name in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"):
+        return _binary(name.rstrip("_"), n_tensor_args, args[1] if len(args) > 1 else None)
+    if name in _ATEN_POINTWISE:
+        return "transparent", {"family": "pointwise"}
+    if name in _ATEN_RESHAPE:
+        return "transparent", {"family": "reshape"}
+    if name in ("permute", "transpose", "t", "swapaxes"):
+        return "transparent", {
+            "family": "permute",
+            "perm": _permutation(rank, "permute" if name == "permute" else name, args[1:]),
+        }
+    if name in _ATEN_SPATIAL:
+        return "transparent", {"family": "spatial"}
+    if name in ("mean", "sum"):
+        return _reduce_attrs(
+            rank, args[1] if len(args) > 1 else None, args[2] if len(args) > 2 else False
+        )
+    if name in _ATEN_MAXPOOL:
+        return "max_pool", {}
+    if name in _ATEN_NONLINEAR:
+        return "nonlinear", {}
+    if name in _ATEN_NORM:
+        return "norm", {}
+    if name in ("cat", "concat", "stack"):
+        return "cat", {}
+    if name in ("matmul", "bmm", "mm", "baddbmm", "addmm"):
+        return "matmul", {}
+    if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention"):
+        return "attention", {}
+    return "other", {}

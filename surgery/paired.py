@@ -1,0 +1,168 @@
+"""insert_pairs: choose sites and widths (the Plan), then build the trainable paired model."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.rewrites.insert import attach
+
+from .blocks import BlockTable, Boundary, analyse
+from .capture import capture
+from .errors import PlanError
+from .pairs import INITS, Pair, PairDict
+from .plan import Plan, Site
+
+Wide = float | int | Mapping[str, int]
+
+
+def insert_pairs(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    wide: Wide = 2.0,
+    init: str | Callable[[Pair, Site], None] = "identity",
+    sites: str | Sequence[str] = "auto",
+    bias: bool = False,
+) -> nn.Module:
+    """A copy of `model` with a widen/narrow pair at each chosen block boundary.
+
+    wide: a multiplier (D = ceil(wide * d), >= 1) or a mapping site -> D.
+    init: "identity" (M2 M1 = I to float precision: the copy computes what `model` does), "random"
+        (a generic non-identity pair), or a callable `init(pair, site)`.
+    sites: "auto" (every boundary that can fold) or names from `find_blocks` (aliases work too).
+    bias: give the pairs biases (fewer boundaries can absorb them).
+
+    The result is an instance of the model's own class with `.pairs` (site -> Pair with `.widen` and
+    `.narrow`) and `.plan` (a JSON-serialisable surgery.Plan); read the WIN probes M1(h) with
+    `surgery.probe(paired)`. `model` itself is not modified."""
+    for attr in ("pairs", "plan"):
+        if hasattr(model, attr):
+            raise PlanError(
+                f"{type(model).__name__} already has an attribute {attr!r}: is it already paired? "
+                "Fold it first (surgery.fold) or pass the original model"
+            )
+    flow = capture(model, example_inputs)
+    table = analyse(flow, bias=bias, inside_blocks=True)
+    chosen = _choose(table, sites, wide)
+    plan = _plan(table, chosen, bias)
+    paired = copy.deepcopy(model)
+    device, dtype = _device_dtype(model)
+    init_fn = _init_fn(init)
+    pairs = {}
+    for site in plan.sites:
+        pairs[site.name] = (site.key, Pair(site.d, site.D, bias=bias, device=device, dtype=dtype))
+        init_fn(pairs[site.name][1], site)
+    attach(paired, plan, PairDict(pairs))
+    paired.plan = plan
+    return paired
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _init_fn(init: str | Callable[[Pair, Site], None]) -> Callable[[Pair, Site], None]:
+    if callable(init):
+        return init
+    if init not in INITS:
+        raise PlanError(
+            f"init must be one of {', '.join(INITS)} or a callable(pair, site), got {init!r}"
+        )
+    return INITS[init]
+
+
+def _lookup(table: BlockTable, name: str) -> Boundary:
+    try:
+        return table.get(name)
+    except KeyError:
+        foldable = ", ".join(b.name for b in table.foldable) or "none"
+        raise PlanError(
+            f"unknown site {name!r}. Boundaries that fold: {foldable} (see surgery.find_blocks)"
+        ) from None
+
+
+def _width(boundary: Boundary, wide: Wide) -> int:
+    if isinstance(wide, Mapping):
+        for key in [boundary.name, *boundary.aliases]:
+            if key in wide:
+                D = wide[key]
+                break
+        else:
+            raise PlanError(
+                f"wide has no width for site {boundary.name!r}; give every chosen site a D"
+            )
+        if isinstance(D, bool) or not isinstance(D, int) or D < boundary.width:
+            raise PlanError(
+                f"wide[{boundary.name!r}] must be an int D >= d = {boundary.width}, got {D!r}"
+            )
+        return D
+    if isinstance(wide, bool) or not isinstance(wide, (int, float)) or not math.isfinite(wide):
+        raise PlanError(f"wide must be a number >= 1 or a mapping site -> D, got {wide!r}")
+    if wide < 1:
+        raise PlanError(f"wide must be >= 1 (pairs widen d -> D = ceil(wide*d) >= d), got {wide}")
+    return math.ceil(wide * boundary.width)
+
+
+def _choose(
+    table: BlockTable, sites: str | Sequence[str], wide: Wide
+) -> list[tuple[Boundary, int]]:
+    if isinstance(sites, str) and sites == "auto":
+        if isinstance(wide, Mapping):
+            picked = [_lookup(table, name) for name in wide]
+        else:
+            picked = [b for b in table if b.foldable and not b.inside_block]
+    else:
+        names = [sites] if isinstance(sites, str) else list(sites)
+        if not names:
+            raise PlanError("sites is empty: pass 'auto' or names from surgery.find_blocks")
+        picked = [_lookup(table, name) for name in names]
+    picked = list({b.tensor: b for b in picked}.values())
+    for b in picked:
+        if not b.foldable:
+            raise PlanError(f"site {b.name!r} cannot fold: {b.reason}")
+    if not picked:
+        reasons = "; ".join(f"{b.name}: {b.reason}" for b in table[:5])
+        raise PlanError(f"no boundary of {table.flow.model_class} can absorb a pair ({reasons})")
+    order = {b.tensor: i for i, b in enumerate(table)}
+    picked.sort(key=lambda b: order[b.tensor])
+    return [(b, _width(b, wide)) for b in picked]
+
+
+def _plan(table: BlockTable, chosen: list[tuple[Boundary, int]], bias: bool) -> Plan:
+    sites: list[Site] = []
+    for boundary, D in chosen:
+        key = boundary.name.replace(".", "_").replace(":", "__")
+        while any(s.key == key for s in sites):
+            key += "_"
+        params = {
+            f"{m}.{p}": f"pairs.{key}.{m}.{p}"
+            for m in ("widen", "narrow")
+            for p in (("weight", "bias") if bias else ("weight",))
+        }
+        assert boundary.route is not None
+        sites.append(
+            Site(
+                name=boundary.name,
+                tensor=boundary.tensor,
+                shape=list(boundary.shape),
+                feature_axis=boundary.feature_axis,
+                d=boundary.width,
+                D=D,
+                bias=bias,
+                route=boundary.route,
+                probe=boundary.probe,
+                key=key,
+                params=params,
+            )
+        )
+    flow = table.flow
+    return Plan(flow.model_class, flow.method, [list(s) for s in flow.example_shapes], sites)

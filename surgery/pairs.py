@@ -1,0 +1,199 @@
+"""The widen/narrow pair module, its initialisations, and reading the WIN probes M1(h)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .plan import Site
+
+
+def _to_last(x: torch.Tensor, axis: int, d: int, inner: int) -> torch.Tensor:
+    """Move the pair's feature index (size d, inside axis `axis`) to the last dim."""
+    if inner == 1 and x.shape[axis] == d:
+        return x.movedim(axis, -1)
+    return x.unflatten(axis, (-1, d, inner)).movedim(axis + 1, -1)
+
+
+def _from_last(y: torch.Tensor, axis: int, inner: int, like: torch.Size) -> torch.Tensor:
+    """Inverse of _to_last (the last dim may now have another size, e.g. D for the probe)."""
+    if inner == 1 and len(like) == y.dim():
+        return y.movedim(-1, axis)
+    return y.movedim(-1, axis + 1).flatten(axis, axis + 2)
+
+
+class Pair(nn.Module):
+    """widen M1: d -> D, then narrow M2: D -> d, acting on one feature axis of a tensor.
+
+    `probe` holds M1(h) from the last forward while recording (see surgery.probe)."""
+
+    def __init__(self, d: int, D: int, *, bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.widen = nn.Linear(d, D, bias=bias, device=device, dtype=dtype)
+        self.narrow = nn.Linear(D, d, bias=bias, device=device, dtype=dtype)
+        self.recording = False
+        self.probe: torch.Tensor | None = None
+
+    @property
+    def d(self) -> int:
+        return self.widen.in_features
+
+    @property
+    def D(self) -> int:
+        return self.widen.out_features
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        axis: int = -1,
+        inner: int = 1,
+        *,
+        add_bias: bool = True,
+        record: bool = False,
+    ) -> torch.Tensor:
+        """M2(M1(h)) on `axis` (features possibly interleaved: index = (o*d + c)*inner + j)."""
+        x = _to_last(h, axis % h.dim(), self.d, inner)
+        wide = F.linear(x, self.widen.weight, self.widen.bias if add_bias else None)
+        if record and self.recording:
+            self.probe = _from_last(wide, axis % h.dim(), inner, h.shape)
+        y = F.linear(wide, self.narrow.weight, self.narrow.bias if add_bias else None)
+        return _from_last(y, axis % h.dim(), inner, h.shape)
+
+    def record(self, h: torch.Tensor, axis: int) -> None:
+        """Store the probe M1(h) without running the narrow map (a probe-only read)."""
+        if self.recording:
+            wide = self.widen(h.movedim(axis, -1))
+            self.probe = wide.movedim(-1, axis)
+
+    @torch.no_grad()
+    def product(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, c) in float64 with W = M2 M1 and c = M2 b1 + b2: the pair maps h to W h + c."""
+        m1, m2 = self.widen.weight.double(), self.narrow.weight.double()
+        W = m2 @ m1
+        if self.widen.bias is None:
+            return W, None
+        return W, m2 @ self.widen.bias.double() + self.narrow.bias.double()
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, D={self.D}, bias={self.widen.bias is not None}"
+
+
+class PairDict(nn.ModuleDict):
+    """The pairs of a paired model, looked up by site name (`paired.pairs["layer1"]`)."""
+
+    def __init__(self, pairs: dict[str, tuple[str, Pair]]) -> None:
+        super().__init__()
+        self.names: dict[str, str] = {}  # site name -> module key
+        for name, (key, pair) in pairs.items():
+            self.names[name] = key
+            self.add_module(key, pair)
+
+    def __getitem__(self, name: str) -> Pair:
+        return self._modules[self.names.get(name, name)]  # type: ignore[return-value]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def keys(self):  # type: ignore[override]
+        return self.names.keys()
+
+    def items(self):  # type: ignore[override]
+        return [(name, self[name]) for name in self.names]
+
+    def values(self):  # type: ignore[override]
+        return [self[name] for name in self.names]
+
+
+InitFn = Callable[[Pair, "Site"], None]
+
+
+@torch.no_grad()
+def init_identity(pair: Pair, site: Site | None = None) -> None:
+    """M1 = Q with orthonormal columns (a random D x d slice of an orthogonal matrix), M2 = Qᵀ:
+    M2 M1 = I to float precision, and both maps get gradients (unlike a zero-padded identity)."""
+    q, r = torch.linalg.qr(torch.randn(pair.D, pair.d, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    pair.widen.weight.copy_(q)
+    pair.narrow.weight.copy_(q.T)
+    if pair.widen.bias is not None:
+        pair.widen.bias.zero_()
+        pair.narrow.bias.zero_()
+
+
+@torch.no_grad()
+def init_random(pair: Pair, site: Site | None = None) -> None:
+    """A generic non-identity pair with unit gain on average (for tests and experiments)."""
+    pair.widen.weight.copy_(torch.randn(pair.D, pair.d, dtype=torch.float64) / pair.d**0.5)
+    pair.narrow.weight.copy_(torch.randn(pair.d, pair.D, dtype=torch.float64) / pair.D**0.5)
+    if pair.widen.bias is not None:
+        pair.widen.bias.copy_(0.1 * torch.randn(pair.D, dtype=torch.float64))
+        pair.narrow.bias.copy_(0.1 * torch.randn(pair.d, dtype=torch.float64))
+
+
+INITS: dict[str, InitFn] = {"identity": init_identity, "random": init_random}
+
+
+class Probes:
+    """Live view of the recorded probes: `probes[site]` is M1(h) from the last forward."""
+
+    def __init__(self, pairs: PairDict, names: list[str]) -> None:
+        self._pairs = pairs
+        self.names = names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(f"{name!r} is not probed; probed sites: {', '.join(self.names)}")
+        probe = self._pairs[name].probe
+        if probe is None:
+            raise LookupError(
+                f"no probe for {name!r} yet: run a forward pass inside the `with` block first"
+            )
+        return probe
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, self[n]) for n in self.names]
+
+
+@contextlib.contextmanager
+def probe(paired: nn.Module, sites: list[str] | None = None) -> Iterator[Probes]:
+    """Record the WIN probes M1(h) of `sites` (default: every site that has one) during forwards.
+
+        with surgery.probe(paired) as probes:
+            paired(x)
+            loss = sum(mse(probes[s], teacher_out[s]) for s in probes)
+
+    Probes keep their autograd graph (gradients reach M1 and the blocks before it). Recording is off
+    outside the block, so training without imitation pays nothing for the probes."""
+    plan = paired.plan
+    pairs: PairDict = paired.pairs
+    available = [s.name for s in plan.sites if s.probe is not None]
+    names = available if sites is None else list(sites)
+    for name in names:
+        site = plan.site(name)
+        if site.probe is None:
+            raise KeyError(
+                f"site {name!r} has no probe: h is neither the output of a module called once nor the input of one"
+            )
+    for name in names:
+        pairs[name].recording = True
+    try:
+        yield Probes(pairs, names)
+    finally:
+        for name in names:
+            pairs[name].recording = False
+            pairs[name].probe = None

@@ -1,0 +1,114 @@
+"""The Plan: pure, JSON-serialisable data saying where each pair sits and how it folds.
+
+A fold recipe names parameters of the original model, so folding needs no model code: it is tensor
+algebra on a state_dict (see surgery.fold).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Target:
+    """One parameter update of a fold: `rule` (see surgery.rewrites.RULES) applied to `params`."""
+
+    rule: str
+    params: dict[str, str]  # role -> parameter name in the original state_dict
+    axis: int = 0  # the dim of the weight the pair acts on
+    out_axis: int = 0  # the weight's output dim (for input-bias sums)
+    outer: int = 1
+    inner: int = 1
+    eps: float | None = None
+
+
+@dataclass
+class Placement:
+    """Where the paired model applies (or reads) the pair: a hook on `module`'s input or output."""
+
+    module: str
+    where: str  # "input" (args[0] before the call) or "output" (the returned tensor)
+    axis: int
+    outer: int = 1
+    inner: int = 1
+    bias: bool = True  # add the pair's bias here (a sum of several writers takes it once)
+
+
+@dataclass
+class Route:
+    """How a boundary folds: which parameters absorb the pair, and where the pair runs until then."""
+
+    kind: str  # "consumer", "producer", "producer through BatchNorm", "producer embedding"
+    targets: list[Target]
+    placements: list[Placement]
+    absorbed_by: list[str]  # parameter names, for people
+    kept: dict[str, str] = field(default_factory=dict)  # consumer edges that keep h -> why
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Site:
+    """A pair in a paired model: the boundary it sits on, its widths and its fold recipe."""
+
+    name: str
+    tensor: str
+    shape: list[int]
+    feature_axis: int
+    d: int
+    D: int
+    bias: bool
+    route: Route
+    probe: Placement | None
+    key: str  # the pair's module key under `paired.pairs`
+    params: dict[str, str]  # "widen.weight" -> state_dict key in the paired model
+
+
+@dataclass
+class Plan:
+    model_class: str
+    capture: str
+    example_shapes: list[list[int]]
+    sites: list[Site]
+    version: int = PLAN_VERSION
+
+    def site(self, name: str) -> Site:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise KeyError(f"no site named {name!r}; sites: {', '.join(s.name for s in self.sites)}")
+
+    def pair_keys(self) -> set[str]:
+        return {key for site in self.sites for key in site.params.values()}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(asdict(self), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(
+                f"plan version {data.get('version')!r} is not {PLAN_VERSION}: re-plan with this surgery"
+            )
+        sites = []
+        for s in data["sites"]:
+            route = dict(s["route"])
+            route["targets"] = [Target(**t) for t in route["targets"]]
+            route["placements"] = [Placement(**p) for p in route["placements"]]
+            sites.append(
+                Site(
+                    **{
+                        **s,
+                        "route": Route(**route),
+                        "probe": Placement(**s["probe"]) if s.get("probe") else None,
+                    }
+                )
+            )
+        return cls(**{**data, "sites": sites})
