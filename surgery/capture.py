@@ -271,7 +271,7 @@ def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) ->
             if kind == "linear":
                 params = {
                     role: arg.target
-                    for role, arg in zip(("weight", "bias"), node.args[1:])
+                    for role, arg in zip(("weight", "bias"), node.args[1:], strict=False)
                     if isinstance(arg, fx.Node) and arg.op == "get_attr"
                 }
             if label == "getitem":
@@ -356,7 +356,9 @@ def _export_dataflow(
             continue
         tensor_inputs = [n.name for n in node.all_input_nodes if n.name in ops]
         params = {}
-        for role, arg in zip(_ATEN_PARAM_ROLES.get(_short(node.target), ()), _param_slots(node)):
+        for role, arg in zip(
+            _ATEN_PARAM_ROLES.get(_short(node.target), ()), _param_slots(node), strict=False
+        ):
             if isinstance(arg, fx.Node) and arg.name in param_names:
                 params[role] = param_names[arg.name]
         first_rank = len(ops[tensor_inputs[0]].shape or ()) if tensor_inputs else 0
