@@ -22,8 +22,8 @@ def absorb_input(
     """A' = A (I ⊗ W ⊗ I) on the input dim `axis`: a layer reading W h now reads h.
 
     Exact for Linear, Conv (groups=1, any kernel/stride/dilation/zero padding: zeros map to zeros)."""
-    split = _split_feature(weight, axis, outer, inner)
-    mixed = torch.einsum("...okj,ki->...oij", split, W)
+    split = _split_feature(weight, axis, outer, inner).transpose(-1, -2)  # [..., outer, inner, d]
+    mixed = (split @ W).transpose(-1, -2)
     return mixed.reshape(weight.movedim(axis, -1).shape).movedim(-1, axis)
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import traceback
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,8 @@ from .errors import CaptureError, PlanError
 from .graph import Dataflow, Op
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OWN_DIRS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("surgery", "rewrites", "cli"))
 
 
 def as_example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
@@ -75,7 +77,7 @@ def _user_frame(exc: BaseException) -> str | None:
         path = os.path.abspath(frame.filename)
         if (
             not path.startswith(_TORCH_DIR)
-            and not path.startswith(_OWN_DIR)
+            and not path.startswith(_OWN_DIRS)
             and "<" not in frame.filename
         ):
             return (
@@ -119,11 +121,13 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Dataflow:
         frame = _user_frame(fx_error)
         fx_msg = f"torch.fx.symbolic_trace failed inside {fx_where}{f' at {frame}' if frame else ''}: {fx_reason}"
         return _capture_export(model, inputs, fx_msg)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), _eval_mode(model), contextlib.redirect_stderr(io.StringIO()):
         try:
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(
+                *inputs
+            )  # it prints a traceback before re-raising: keep it quiet
         except Exception as error:  # noqa: BLE001
-            raise _input_mismatch(model, inputs, error) from error
+            raise _input_mismatch(model, inputs, error.__cause__ or error) from error
     return _fx_dataflow(model, gm, inputs)
 
 
