@@ -6,6 +6,7 @@ from .fold import fold, fold_state_dict
 from .paired import insert_pairs
 from .pairs import Pair, probe
 from .plan import Plan
+from .verify import VerifyReport, verify
 
 __all__ = [
     "BlockTable",
@@ -16,9 +17,11 @@ __all__ = [
     "Plan",
     "PlanError",
     "SurgeryError",
+    "VerifyReport",
     "find_blocks",
     "fold",
     "fold_state_dict",
     "insert_pairs",
     "probe",
+    "verify",
 ]

@@ -85,7 +85,10 @@ class Pair(nn.Module):
 
 
 class PairDict(nn.ModuleDict):
-    """The pairs of a paired model, looked up by site name (`paired.pairs["layer1"]`)."""
+    """The pairs of a paired model, looked up by site name (`paired.pairs["layer1"]`).
+
+    Calling it returns its input unchanged: an nn.Sequential root calls every child in turn, the
+    pairs included (they run from hooks, not from there)."""
 
     def __init__(self, pairs: dict[str, tuple[str, Pair]]) -> None:
         super().__init__()
@@ -93,6 +96,9 @@ class PairDict(nn.ModuleDict):
         for name, (key, pair) in pairs.items():
             self.names[name] = key
             self.add_module(key, pair)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def __getitem__(self, name: str) -> Pair:
         return self._modules[self.names.get(name, name)]  # type: ignore[return-value]

@@ -206,3 +206,19 @@ def test_fold_keeps_paired_model_usable(resnet, x):
         thin = surgery.fold(paired)
         assert torch.equal(paired(x), before)
         assert not hasattr(thin, "pairs") and set(thin.state_dict()) == set(resnet.state_dict())
+
+
+def test_sequential_root_pairs_and_folds():
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Dropout(0.1), nn.Linear(16, 3)
+    ).eval()
+    x = torch.randn(5, 6)
+    paired = surgery.insert_pairs(model, (x,), init="random").eval()
+    assert [s.name for s in paired.plan.sites] == ["0", "1", "2"]  # "3" (dropout) merges into "2"
+    thin = surgery.fold(paired)
+    assert type(thin) is nn.Sequential and len(thin) == len(model)
+    with torch.no_grad():
+        assert max_rel_error(paired(x), thin(x)) <= 1e-5
+        assert (
+            max_rel_error(paired(x), model(x)) > 1e-3
+        )  # the random pairs really changed the function

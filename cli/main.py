@@ -1,0 +1,47 @@
+"""`surgery` command line: exit 0 ok, 1 failure, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from surgery.errors import SurgeryError
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from surgery.demo import run_demo
+
+    result = run_demo(steps=args.steps, wide=args.wide, seed=args.seed)
+    return 0 if result.verify_ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description="Go Wide, Then Narrow: insert, train and fold widen/narrow pairs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the whole pipeline on a small built-in ResNet")
+    demo.add_argument(
+        "--steps", type=int, default=20, help="training steps on synthetic data (default 20)"
+    )
+    demo.add_argument(
+        "--wide", type=float, default=2.0, help="width multiplier of the pairs (default 2)"
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SurgeryError as error:
+        print(f"surgery: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
