@@ -12,7 +12,7 @@ from surgery.graph import Op
 from surgery.plan import Placement, Target
 
 from .common import RuleContext, feature_axis, unshared_reason, where
-from .linear_conv import LayerProducer, writer_reason
+from .linear_conv import LayerProducer, weight_axes, writer_reason
 
 NOTE = "{bn} folds into {layer} and becomes an identity: exact in eval mode only"
 
@@ -43,7 +43,9 @@ class BatchNormProducer:
         params["producer_weight"] = layer.params["weight"]
         if "bias" in layer.params:
             params["producer_bias"] = layer.params["bias"]
-        return [Target("batchnorm_through", params, axis=0, eps=op.attrs["eps"])]
+        return [
+            Target("batchnorm_through", params, axis=weight_axes(layer)[1], eps=op.attrs["eps"])
+        ]
 
     def placements(self, op: Op) -> list[Placement]:
         return [Placement(op.module or "", "output", feature_axis(op))]

@@ -30,6 +30,13 @@ def unshared_reason(op: Op, ctx: RuleContext) -> str | None:
     """Why `op`'s parameters cannot be changed for this call only, or None when they can."""
     if op.module is None:
         return f"{op.op} at {op.name} is a function call: the pair needs a module to attach to (use the nn module)"
+    for name in op.params.values():
+        tied = ctx.flow.param_aliases.get(name)
+        if tied:
+            return (
+                f"parameter {name} is tied to {', '.join(tied)}: a fold here would change every user of the "
+                "tied tensor; untie them first"
+            )
     calls = ctx.flow.module_calls.get(op.module, 1)
     if calls > 1:
         return (
@@ -39,12 +46,6 @@ def unshared_reason(op: Op, ctx: RuleContext) -> str | None:
     for name in op.params.values():
         if len(ctx.readers.get(name, [])) > 1:
             return f"parameter {name} is read by {len(ctx.readers[name])} ops (shared weights)"
-        tied = ctx.flow.param_aliases.get(name)
-        if tied:
-            return (
-                f"parameter {name} is tied to {', '.join(tied)}: a fold here would change every user of the "
-                "tied tensor; untie them first"
-            )
     return None
 
 

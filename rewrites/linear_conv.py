@@ -56,14 +56,15 @@ class LayerConsumer:
         return None
 
     def targets(self, op: Op, layout: Layout, ctx: RuleContext) -> list[Target]:
+        in_axis, out_axis = weight_axes(op)
         found = []
         if ctx.bias:
             found.append(
                 Target(
                     "input_bias",
                     {"weight": op.params["weight"], "bias": op.params["bias"]},
-                    axis=1,
-                    out_axis=0,
+                    axis=in_axis,
+                    out_axis=out_axis,
                     outer=layout.outer,
                     inner=layout.inner,
                 )
@@ -72,7 +73,7 @@ class LayerConsumer:
             Target(
                 "input_weight",
                 {"weight": op.params["weight"]},
-                axis=1,
+                axis=in_axis,
                 outer=layout.outer,
                 inner=layout.inner,
             )
@@ -87,6 +88,11 @@ def layout_rank(op: Op, ctx: RuleContext) -> int:
     """Rank of `op`'s (first) input tensor."""
     source = ctx.flow.ops[op.inputs[0]]
     return len(source.shape or ())
+
+
+def weight_axes(op: Op) -> tuple[int, int]:
+    """(input dim, output dim) of the op's weight: (1, 0) for nn.Linear/Conv, (0, 1) for HF Conv1D."""
+    return op.attrs.get("weight_in_axis", 1), op.attrs.get("weight_out_axis", 0)
 
 
 def writer_reason(op: Op, ctx: RuleContext) -> str | None:
@@ -110,7 +116,7 @@ class LayerProducer:
         return None
 
     def targets(self, op: Op, ctx: RuleContext) -> list[Target]:
-        found = [Target("output_weight", {"weight": op.params["weight"]}, axis=0)]
+        found = [Target("output_weight", {"weight": op.params["weight"]}, axis=weight_axes(op)[1])]
         if "bias" in op.params:
             found.append(Target("output_bias", {"bias": op.params["bias"]}))
         return found

@@ -98,6 +98,9 @@ class _PathTracer(fx.Tracer):
         super().__init__()
         self.failed_in: tuple[str, str] | None = None
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or normalize.is_leaf(m)
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -336,64 +339,173 @@ def _export_dataflow(
 ) -> Dataflow:
     sig = program.graph_signature
     param_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-    user_inputs = list(sig.user_inputs)
+    user_inputs = set(sig.user_inputs)
     ops: dict[str, Op] = {}
     placeholders: list[str] = []
     scope_types: dict[str, str] = {}
     calls: dict[str, set[str]] = {}
-    outputs: list[str] = []
     modules = dict(model.named_modules())
     for node in program.graph.nodes:
-        if node.op == "output":
-            outputs = [n.name for n in node.all_input_nodes if n.name in ops]
-            continue
-        val = node.meta.get("val")
-        is_tensor = isinstance(val, torch.Tensor)
-        if node.op == "placeholder":
-            if node.name in user_inputs and is_tensor:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
                 placeholders.append(node.name)
                 ops[node.name] = Op(
                     node.name, "input", node.target, shape=tuple(val.shape), dtype=val.dtype
                 )
+    same = _identities(program.graph)
+    for leaf, members in _leaf_calls(program.graph, modules):
+        escaping = _escaping(members, same)
+        if leaf is not None and len(escaping) == 1:
+            op = _module_call_op(leaf, modules[leaf], members, escaping[0], ops, same)
+            op.scope = _scope(escaping[0].meta, scope_types, calls)
+            ops[op.name] = op
             continue
-        if node.op != "call_function" or not (is_tensor or isinstance(val, (tuple, list))):
-            continue
-        tensor_inputs = [n.name for n in node.all_input_nodes if n.name in ops]
-        params = {}
-        for role, arg in zip(
-            _ATEN_PARAM_ROLES.get(_short(node.target), ()), _param_slots(node), strict=False
-        ):
-            if isinstance(arg, fx.Node) and arg.name in param_names:
-                params[role] = param_names[arg.name]
-        first_rank = len(ops[tensor_inputs[0]].shape or ()) if tensor_inputs else 0
-        n_tensors = sum(1 for n in node.all_input_nodes if n.name in ops or n.name in param_names)
-        kind, attrs = normalize.classify_aten(node.target, node.args, n_tensors, first_rank)
-        label = str(node.target)
-        if _short(node.target) == "getitem":
-            source = ops.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
-            if source is not None and source.kind == "batch_norm" and node.args[1] == 0:
-                kind, attrs = "transparent", {"family": "pointwise"}
-            else:
-                kind, attrs = "other", {"why": "indexing"}
-        if kind == "transparent" and len(tensor_inputs) > 1:
-            kind, attrs = "other", {"why": f"{label} reads a second tensor"}
-        owner = _owning_module(params, modules)
-        ops[node.name] = Op(
-            name=node.name,
-            kind=kind,
-            op=label,
-            inputs=tensor_inputs,
-            shape=tuple(val.shape) if is_tensor else None,
-            dtype=val.dtype if is_tensor else None,
-            module=owner,
-            params=params,
-            attrs=attrs,
-            scope=_scope(node.meta, scope_types, calls),
-            source=(node.meta.get("stack_trace") or "").strip().splitlines()[-1].strip()
-            if node.meta.get("stack_trace")
-            else None,
-        )
+        for node in (m for m in members if m.name not in same):
+            op = _aten_op(node, ops, param_names, same)
+            if op is not None:
+                op.scope = _scope(node.meta, scope_types, calls)
+                ops[op.name] = op
+    outputs = [_resolve(n, same) for n in program.graph.output_node().all_input_nodes]
+    outputs = [n for n in outputs if n in ops]
     return _finish(model, ops, placeholders, outputs, "torch.export", scope_types, calls, inputs)
+
+
+def _leaf_path(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The outermost module on the node's stack that fx would treat as one call (Linear, Conv, ...)."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if path in modules and normalize.is_leaf(modules[path]):
+            return path
+    return None
+
+
+_IDENTITY_OPS = {"to", "_to_copy", "alias", "clone", "contiguous", "lift_fresh_copy", "detach"}
+
+
+def _identities(graph: fx.Graph) -> dict[str, str]:
+    """Nodes that return their input unchanged (a cast to the same dtype, an alias): node -> input."""
+    same: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and _short(node.target) in _IDENTITY_OPS and node.args:
+            src, val = node.args[0], node.meta.get("val")
+            src_val = src.meta.get("val") if isinstance(src, fx.Node) else None
+            if (
+                isinstance(val, torch.Tensor)
+                and isinstance(src_val, torch.Tensor)
+                and val.dtype == src_val.dtype
+                and val.shape == src_val.shape
+            ):
+                same[node.name] = _resolve(src, same)
+    return same
+
+
+def _resolve(node: fx.Node, same: dict[str, str]) -> str:
+    return same.get(node.name, node.name)
+
+
+def _leaf_calls(
+    graph: fx.Graph, modules: dict[str, nn.Module]
+) -> list[tuple[str | None, list[fx.Node]]]:
+    """call_function nodes in order, consecutive nodes of one leaf-module call grouped together."""
+    calls: list[tuple[str | None, list[fx.Node]]] = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        leaf = _leaf_path(node, modules)
+        if leaf is not None and calls and calls[-1][0] == leaf:
+            calls[-1][1].append(node)
+        else:
+            calls.append((leaf, [node]))
+    return calls
+
+
+def _escaping(members: list[fx.Node], same: dict[str, str]) -> list[fx.Node]:
+    """Members whose value is used after the call (identities stand for their input, not themselves)."""
+    inside = set(members)
+    return [m for m in members if m.name not in same and any(u not in inside for u in m.users)]
+
+
+def _is_tensor_valued(val: Any) -> bool:
+    return isinstance(val, torch.Tensor) or (
+        isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
+    )
+
+
+def _module_call_op(
+    path: str,
+    module: nn.Module,
+    members: list[fx.Node],
+    out: fx.Node,
+    ops: dict[str, Op],
+    same: dict[str, str],
+) -> Op:
+    """One op for the aten nodes of one leaf-module call, like fx's call_module node."""
+    inside = {m.name for m in members}
+    inputs: list[str] = []
+    for m in members:
+        for name in (_resolve(n, same) for n in m.all_input_nodes):
+            if name not in inside and name in ops and name not in inputs:
+                inputs.append(name)
+    kind, attrs = normalize.classify_module(module)
+    val = out.meta.get("val")
+    return Op(
+        name=out.name,
+        kind=kind,
+        op=type(module).__name__,
+        inputs=inputs,
+        shape=tuple(val.shape) if isinstance(val, torch.Tensor) else None,
+        dtype=val.dtype if isinstance(val, torch.Tensor) else None,
+        module=path,
+        params={
+            role: f"{path}.{role}" for role, t in _module_tensors(module).items() if t is not None
+        },
+        attrs=attrs,
+        source=_source(out.meta.get("stack_trace")),
+    )
+
+
+def _source(stack_trace: str | None) -> str | None:
+    return stack_trace.strip().splitlines()[-1].strip() if stack_trace else None
+
+
+def _aten_op(
+    node: fx.Node, ops: dict[str, Op], param_names: dict[str, str], same: dict[str, str]
+) -> Op | None:
+    """One aten node outside any leaf-module call, or None if it produces no tensor."""
+    val = node.meta.get("val")
+    if not _is_tensor_valued(val):
+        return None
+    is_tensor = isinstance(val, torch.Tensor)
+    tensor_inputs = [
+        name for name in (_resolve(n, same) for n in node.all_input_nodes) if name in ops
+    ]
+    params = {}
+    for role, arg in zip(
+        _ATEN_PARAM_ROLES.get(_short(node.target), ()), _param_slots(node), strict=False
+    ):
+        if isinstance(arg, fx.Node) and arg.name in param_names:
+            params[role] = param_names[arg.name]
+    first_rank = len(ops[tensor_inputs[0]].shape or ()) if tensor_inputs else 0
+    n_tensors = sum(
+        1 for n in node.all_input_nodes if _resolve(n, same) in ops or n.name in param_names
+    )
+    kind, attrs = normalize.classify_aten(node.target, node.args, n_tensors, first_rank)
+    label = str(node.target)
+    if _short(node.target) == "getitem":
+        kind, attrs = "other", {"why": "indexing"}
+    if kind == "transparent" and len(tensor_inputs) > 1:
+        kind, attrs = "other", {"why": f"{label} reads a second tensor"}
+    return Op(
+        name=node.name,
+        kind=kind,
+        op=label,
+        inputs=tensor_inputs,
+        shape=tuple(val.shape) if is_tensor else None,
+        dtype=val.dtype if is_tensor else None,
+        params=params,
+        attrs=attrs,
+        source=_source(node.meta.get("stack_trace")),
+    )
 
 
 # aten ops that read parameters, and the roles of their parameter arguments in order
@@ -419,17 +531,3 @@ def _param_slots(node: fx.Node) -> list[Any]:
     if _short(node.target) == "embedding":
         return [node.args[0]]
     return list(node.args[1:])
-
-
-def _owning_module(params: dict[str, str], modules: dict[str, nn.Module]) -> str | None:
-    """The module whose call this aten op is: the owner of its weight, if that is an nn leaf we can hook."""
-    weight = params.get("weight")
-    if weight is None or "." not in weight:
-        return None
-    path = weight.rsplit(".", 1)[0]
-    module = modules.get(path)
-    if isinstance(
-        module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Embedding)
-    ):
-        return path
-    return None

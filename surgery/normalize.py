@@ -64,10 +64,33 @@ def _conv_attrs(m: nn.modules.conv._ConvNd) -> dict[str, Any]:
     }
 
 
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's GPT-2 style Conv1D: a linear layer with an [in, out] weight."""
+    return (
+        type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    )
+
+
+def _is_custom_norm(m: nn.Module) -> bool:
+    """RMSNorm/LayerNorm modules of model libraries (LlamaRMSNorm, T5LayerNorm, ...)."""
+    name = type(m).__name__
+    return name.endswith(("RMSNorm", "LayerNorm")) and next(m.children(), None) is None
+
+
+LEAF_KINDS = ("linear", "conv", "batch_norm", "embedding", "norm", "attention")
+
+
+def is_leaf(m: nn.Module) -> bool:
+    """Whether a module call is one op of the dataflow (its internals are not traced through)."""
+    return classify_module(m)[0] in LEAF_KINDS
+
+
 def classify_module(m: nn.Module) -> Classified:
     """Kind and attributes of a leaf module call."""
     if isinstance(m, nn.Linear):
         return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
+    if _is_hf_conv1d(m):
+        return "linear", {"weight_in_axis": 0, "weight_out_axis": 1}
     if isinstance(m, nn.modules.conv._ConvNd):
         if m.transposed:
             return "other", {"why": "transposed convolutions are not supported yet"}
@@ -93,7 +116,7 @@ def classify_module(m: nn.Module) -> Classified:
         return "max_pool", {}
     if isinstance(m, _NONLINEAR_MODULES):
         return "nonlinear", {}
-    if isinstance(m, _NORM_MODULES):
+    if isinstance(m, _NORM_MODULES) or _is_custom_norm(m):
         return "norm", {}
     if isinstance(m, nn.MultiheadAttention):
         return "attention", {}
