@@ -15,11 +15,11 @@ from surgery.plan import Target
 
 from . import algebra
 from .batchnorm import BatchNormProducer
-from .embedding import EmbeddingProducer
+from .embedding import EmbeddingProducer, EmbeddingSumProducer
 from .linear_conv import LayerConsumer, LayerProducer
 
 CONSUMER_RULES = (LayerConsumer(),)
-PRODUCER_RULES = (LayerProducer(), BatchNormProducer(), EmbeddingProducer())
+PRODUCER_RULES = (LayerProducer(), BatchNormProducer(), EmbeddingProducer(), EmbeddingSumProducer())
 
 Tensors = dict[str, torch.Tensor]
 
@@ -42,7 +42,7 @@ def _output_weight(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | Non
 
 
 def _output_bias(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
-    return {"bias": algebra.absorb_output_bias(p["bias"], W, c)}
+    return {"bias": algebra.absorb_output_bias(p["bias"], W, c if t.add_bias else None)}
 
 
 def _batchnorm_through(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
@@ -63,7 +63,7 @@ def _batchnorm_through(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor |
 
 def _embedding_table(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
     table = algebra.absorb_output(p["weight"], W, t.axis)
-    return {"weight": table + c if c is not None else table}
+    return {"weight": table + c if c is not None and t.add_bias else table}
 
 
 RULES: dict[str, Callable[[Target, Tensors, torch.Tensor, torch.Tensor | None], Tensors]] = {

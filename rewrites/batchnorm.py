@@ -21,6 +21,7 @@ class BatchNormProducer:
     """h is BN(layer(z)) for an eval-mode, affine BatchNorm right after a Linear/Conv."""
 
     kinds = ("batch_norm",)
+    route_kind = "producer through BatchNorm"
 
     def check(self, op: Op, ctx: RuleContext) -> str | None:
         if not op.attrs.get("affine") or not op.attrs.get("track_running_stats"):
@@ -47,7 +48,7 @@ class BatchNormProducer:
             Target("batchnorm_through", params, axis=weight_axes(layer)[1], eps=op.attrs["eps"])
         ]
 
-    def placements(self, op: Op) -> list[Placement]:
+    def placements(self, op: Op, ctx: RuleContext) -> list[Placement]:
         return [Placement(op.module or "", "output", feature_axis(op))]
 
     def note(self, op: Op, ctx: RuleContext) -> str:

@@ -16,6 +16,7 @@ class EmbeddingProducer:
     """h is an nn.Embedding lookup: fold W (and the pair bias) into every row of the table."""
 
     kinds = ("embedding",)
+    route_kind = "producer embedding"
 
     def check(self, op: Op, ctx: RuleContext) -> str | None:
         if op.attrs.get("max_norm") is not None:
@@ -25,5 +26,57 @@ class EmbeddingProducer:
     def targets(self, op: Op, ctx: RuleContext) -> list[Target]:
         return [Target("embedding_table", {"weight": op.params["weight"]}, axis=1)]
 
-    def placements(self, op: Op) -> list[Placement]:
+    def placements(self, op: Op, ctx: RuleContext) -> list[Placement]:
         return [Placement(op.module or "", "output", feature_axis(op))]
+
+
+class EmbeddingSumProducer:
+    """h is a sum of embedding lookups (token + position + type): every table absorbs the same W,
+    one of them takes the pair bias:  W (E1[i] + E2[j]) + c = (E1 Wᵀ + c)[i] + (E2 Wᵀ)[j]."""
+
+    kinds = ("add",)
+    route_kind = "producer embedding sum"
+
+    def tables(self, op: Op, ctx: RuleContext) -> list[Op] | str:
+        """The embedding ops summed into `op`, or why `op` is not such a sum."""
+        found: list[Op] = []
+        for name in op.inputs:
+            src = ctx.flow.ops[name]
+            if len(ctx.users[name]) != 1:
+                return f"{where(src)} also feeds other ops than the sum"
+            if src.kind == "embedding":
+                found.append(src)
+            elif src.kind == "add":
+                inner = self.tables(src, ctx)
+                if isinstance(inner, str):
+                    return inner
+                found += inner
+            else:
+                return "a residual add absorbs nothing (only a sum of embedding lookups can)"
+        return found
+
+    def check(self, op: Op, ctx: RuleContext) -> str | None:
+        tables = self.tables(op, ctx)
+        if isinstance(tables, str):
+            return tables
+        for table in tables:
+            reason = EmbeddingProducer().check(table, ctx)
+            if reason:
+                return reason
+        return None
+
+    def targets(self, op: Op, ctx: RuleContext) -> list[Target]:
+        tables = self.tables(op, ctx)
+        assert not isinstance(tables, str)
+        return [
+            Target("embedding_table", {"weight": t.params["weight"]}, axis=1, add_bias=i == 0)
+            for i, t in enumerate(tables)
+        ]
+
+    def placements(self, op: Op, ctx: RuleContext) -> list[Placement]:
+        tables = self.tables(op, ctx)
+        assert not isinstance(tables, str)
+        return [
+            Placement(t.module or "", "output", feature_axis(t), bias=i == 0)
+            for i, t in enumerate(tables)
+        ]

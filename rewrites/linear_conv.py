@@ -106,6 +106,7 @@ class LayerProducer:
     """h is the output of a Linear or groups=1 Conv: fold W into its output dim and bias."""
 
     kinds = ("linear", "conv")
+    route_kind = "producer"
 
     def check(self, op: Op, ctx: RuleContext) -> str | None:
         reason = writer_reason(op, ctx)
@@ -121,5 +122,5 @@ class LayerProducer:
             found.append(Target("output_bias", {"bias": op.params["bias"]}))
         return found
 
-    def placements(self, op: Op) -> list[Placement]:
+    def placements(self, op: Op, ctx: RuleContext) -> list[Placement]:
         return [Placement(op.module or "", "output", feature_axis(op))]

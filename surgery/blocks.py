@@ -41,6 +41,7 @@ class Boundary:
     probe: Placement | None
     aliases: list[str] = field(default_factory=list)
     inside_block: bool = False  # a cut between the layers of an innermost block (hidden by default)
+    in_block: bool = False  # not a cut: a site inside a block whose output cannot take a pair
 
     @property
     def foldable(self) -> bool:
@@ -79,9 +80,11 @@ class BlockTable(list):
                     detail += f"; h kept on: {', '.join(b.route.kept)}"
                 if b.route.notes:
                     detail += f"; {'; '.join(b.route.notes)}"
-                fold = b.route.kind
+                fold = f"{b.route.kind}, in block" if b.in_block else b.route.kind
             else:
                 detail, fold = b.reason or "", "refused"
+                if b.probe is not None:
+                    fold += " (probe only)"
             rows.append(
                 [
                     i,
@@ -131,28 +134,80 @@ def analyse(flow: Dataflow, *, bias: bool = False, inside_blocks: bool = False) 
     inside = _inside_innermost_blocks(flow, groups, ctx.users)
     if not inside_blocks:
         groups = [g for g in groups if g[0] not in inside]
-    boundaries = []
-    for group in groups:
-        head = flow.ops[group[0]]
-        layout = Layout(axes[head.name], (head.shape or ())[axes[head.name]])
-        route, reason = find_route(head, layout, ctx)
-        name, aliases = _names(flow, group, ctx.users)
-        boundaries.append(
-            Boundary(
-                name=name,
-                tensor=head.name,
-                feeds=_next_blocks(flow, group, ctx.users),
-                shape=tuple(head.shape or ()),
-                feature_axis=layout.axis,
-                width=layout.d,
-                route=route,
-                reason=reason,
-                probe=_probe(flow, head, layout, route, ctx.users),
-                aliases=aliases,
-                inside_block=head.name in inside,
-            )
-        )
+    boundaries = [_boundary(flow, group, axes, ctx, inside=group[0] in inside) for group in groups]
+    boundaries += _sublayer_sites(flow, boundaries, axes, ctx)
+    order = {name: i for i, name in enumerate(flow.ops)}
+    boundaries.sort(key=lambda b: order[b.tensor])
     return BlockTable(_unique_names(boundaries), flow, bias)
+
+
+def _boundary(
+    flow: Dataflow,
+    group: list[str],
+    axes: dict[str, int],
+    ctx: RuleContext,
+    *,
+    inside: bool = False,
+    in_block: bool = False,
+) -> Boundary:
+    head = flow.ops[group[0]]
+    layout = Layout(axes[head.name], (head.shape or ())[axes[head.name]])
+    route, reason = find_route(head, layout, ctx)
+    name, aliases = _names(flow, group, ctx.users)
+    return Boundary(
+        name=name,
+        tensor=head.name,
+        feeds=_next_blocks(flow, group, ctx.users),
+        shape=tuple(head.shape or ()),
+        feature_axis=layout.axis,
+        width=layout.d,
+        route=route,
+        reason=reason,
+        probe=_probe(flow, head, layout, route, ctx.users),
+        aliases=aliases,
+        inside_block=inside,
+        in_block=in_block,
+    )
+
+
+def _sublayer_sites(
+    flow: Dataflow, boundaries: list[Boundary], axes: dict[str, int], ctx: RuleContext
+) -> list[Boundary]:
+    """Where a block's output cannot take a pair (a pre-LN residual stream feeds only a norm and an
+    add), the sites inside the block that can: each norm output (read by q/k/v or the MLP's input
+    projections) and each Linear output written into the residual add (attention output and MLP
+    down projections, folded on the producer side)."""
+    taken = {b.tensor for b in boundaries}
+    blocks = {
+        b.name for b in boundaries if not b.foldable and flow.module_kinds.get(b.name) == "block"
+    }
+    graph = dataflow_graph(flow) if blocks else nx.DiGraph()
+    found = []
+    for op in flow.ops.values():
+        if op.name in taken or not op.shape or not blocks.intersection(op.scope):
+            continue
+        if op.kind == "norm" or (op.kind == "linear" and _writes_residual(op.name, ctx, graph)):
+            site = _boundary(flow, [op.name], axes, ctx, in_block=True)
+            if site.foldable:
+                found.append(site)
+    return found
+
+
+def _writes_residual(
+    name: str, ctx: RuleContext, graph: nx.DiGraph, source: str | None = None
+) -> bool:
+    """Whether a tensor reaches, through pointwise ops only (dropout, identity, scaling), an add whose
+    other operand does not depend on it: a skip connection, not e.g. the x + 0.044715 x³ of a GELU."""
+    source = source or name
+    for user in (ctx.flow.ops[u] for u in ctx.users[name]):
+        if user.kind == "add":
+            others = [i for i in user.inputs if i != name]
+            if others and not any(nx.has_path(graph, source, o) for o in others):
+                return True
+        elif user.kind == "transparent" and user.attrs.get("family") == "pointwise":
+            if _writes_residual(user.name, ctx, graph, source):
+                return True
+    return False
 
 
 def dataflow_graph(flow: Dataflow) -> nx.DiGraph:
@@ -235,8 +290,11 @@ def _boundary_groups(flow: Dataflow, axes: dict[str, int]) -> list[list[str]]:
 def _ends_a_block_or_is_top_level(
     flow: Dataflow, group: list[str], users: dict[str, list[str]]
 ) -> bool:
-    """A cut in the middle of a module's forward (e.g. before its last activation) is not a boundary."""
+    """A cut in the middle of a module's forward (e.g. before its last activation) is not a boundary,
+    unless it is a sum of embedding lookups (token + position), which the producer rule can fold."""
     head = flow.ops[group[0]]
+    if head.kind == "add" and all(flow.ops[i].kind in ("embedding", "add") for i in head.inputs):
+        return True
     return not head.scope or any(
         flow.module_calls.get(s, 1) == 1 for s in _ended_scopes(flow, group, users)
     )
@@ -304,10 +362,10 @@ def _probe(
     flow: Dataflow, head: Op, layout: Layout, route: Route | None, users: dict[str, list[str]]
 ) -> Placement | None:
     """Where the paired model can read h to compute the WIN probe M1(h), or None."""
-    if route is not None and route.kind != "consumer":
-        return route.placements[0] if len(route.placements) == 1 else None
+    if route is not None and route.kind != "consumer" and len(route.placements) == 1:
+        return route.placements[0]
     trivial = Placement("", "input", layout.axis)
-    if route is not None:
+    if route is not None and route.kind == "consumer":
         for p in route.placements:
             module_input = next(
                 (

@@ -57,6 +57,8 @@ def fold_state_dict(state: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, 
         return work[name]
 
     for site in plan.sites:
+        if not site.route.targets:
+            continue  # a probe-only site: its widen map is dropped, nothing was inserted
         W, c = pair_product(state, site)
         for target in site.route.targets:
             tensors = {role: current(name, site) for role, name in target.params.items()}

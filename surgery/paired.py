@@ -16,9 +16,10 @@ from .blocks import BlockTable, Boundary, analyse
 from .capture import capture
 from .errors import PlanError
 from .pairs import INITS, Pair, PairDict
-from .plan import Plan, Site
+from .plan import PROBE_ONLY, Plan, Route, Site
 
 Wide = float | int | Mapping[str, int]
+Chosen = list[tuple[Boundary, int, bool]]  # boundary, D, probe only
 
 
 def insert_pairs(
@@ -28,6 +29,7 @@ def insert_pairs(
     wide: Wide = 2.0,
     init: str | Callable[[Pair, Site], None] = "identity",
     sites: str | Sequence[str] = "auto",
+    probes: Sequence[str] = (),
     bias: bool = False,
 ) -> nn.Module:
     """A copy of `model` with a widen/narrow pair at each chosen block boundary.
@@ -36,6 +38,8 @@ def insert_pairs(
     init: "identity" (M2 M1 = I to float precision: the copy computes what `model` does), "random"
         (a generic non-identity pair), or a callable `init(pair, site)`.
     sites: "auto" (every boundary that can fold) or names from `find_blocks` (aliases work too).
+    probes: boundaries that only get a widen map M1 for the WIN probe, nothing inserted into the
+        forward (e.g. the residual stream between pre-LN transformer blocks, which cannot fold).
     bias: give the pairs biases (fewer boundaries can absorb them).
 
     The result is an instance of the model's own class with `.pairs` (site -> Pair with `.widen` and
@@ -49,14 +53,25 @@ def insert_pairs(
             )
     flow = capture(model, example_inputs)
     table = analyse(flow, bias=bias, inside_blocks=True)
-    chosen = _choose(table, sites, wide)
+    probes = [probes] if isinstance(probes, str) else list(probes)
+    chosen = _choose(table, sites, wide, probes) + _choose_probes(table, probes, wide)
+    if not chosen:
+        raise PlanError(
+            "no sites and no probes chosen: pass sites='auto' or names from surgery.find_blocks"
+        )
+    order = {name: i for i, name in enumerate(flow.ops)}
+    chosen.sort(key=lambda item: order[item[0].tensor])
     plan = _plan(table, chosen, bias)
     paired = copy.deepcopy(model)
     device, dtype = _device_dtype(model)
     init_fn = _init_fn(init)
     pairs = {}
     for site in plan.sites:
-        pairs[site.name] = (site.key, Pair(site.d, site.D, bias=bias, device=device, dtype=dtype))
+        narrow = site.route.kind != PROBE_ONLY
+        pairs[site.name] = (
+            site.key,
+            Pair(site.d, site.D, bias=bias, narrow=narrow, device=device, dtype=dtype),
+        )
         init_fn(pairs[site.name][1], site)
     attach(paired, plan, PairDict(pairs))
     paired.plan = plan
@@ -113,42 +128,55 @@ def _width(boundary: Boundary, wide: Wide) -> int:
 
 
 def _choose(
-    table: BlockTable, sites: str | Sequence[str], wide: Wide
-) -> list[tuple[Boundary, int]]:
+    table: BlockTable, sites: str | Sequence[str], wide: Wide, probes: Sequence[str]
+) -> Chosen:
     if isinstance(sites, str) and sites == "auto":
         if isinstance(wide, Mapping):
-            picked = [_lookup(table, name) for name in wide]
+            picked = [_lookup(table, name) for name in wide if name not in probes]
         else:
             picked = [b for b in table if b.foldable and not b.inside_block]
+        if not picked:
+            reasons = "; ".join(f"{b.name}: {b.reason}" for b in table[:5])
+            raise PlanError(
+                f"no boundary of {table.flow.model_class} can absorb a pair ({reasons})"
+            )
     else:
-        names = [sites] if isinstance(sites, str) else list(sites)
-        if not names:
-            raise PlanError("sites is empty: pass 'auto' or names from surgery.find_blocks")
-        picked = [_lookup(table, name) for name in names]
+        picked = [_lookup(table, name) for name in ([sites] if isinstance(sites, str) else sites)]
     picked = list({b.tensor: b for b in picked}.values())
     for b in picked:
         if not b.foldable:
-            raise PlanError(f"site {b.name!r} cannot fold: {b.reason}")
-    if not picked:
-        reasons = "; ".join(f"{b.name}: {b.reason}" for b in table[:5])
-        raise PlanError(f"no boundary of {table.flow.model_class} can absorb a pair ({reasons})")
-    order = {b.tensor: i for i, b in enumerate(table)}
-    picked.sort(key=lambda b: order[b.tensor])
-    return [(b, _width(b, wide)) for b in picked]
+            hint = " (pass it in probes= to read its WIN probe only)" if b.probe is not None else ""
+            raise PlanError(f"site {b.name!r} cannot fold: {b.reason}{hint}")
+    return [(b, _width(b, wide), False) for b in picked]
 
 
-def _plan(table: BlockTable, chosen: list[tuple[Boundary, int]], bias: bool) -> Plan:
+def _choose_probes(table: BlockTable, probes: Sequence[str], wide: Wide) -> Chosen:
+    picked = [_lookup(table, name) for name in probes]
+    for b in picked:
+        if b.probe is None:
+            raise PlanError(
+                f"site {b.name!r} cannot be probed: its tensor is neither a module's output nor a module's input"
+            )
+    return [(b, _width(b, wide), True) for b in picked]
+
+
+def _plan(table: BlockTable, chosen: Chosen, bias: bool) -> Plan:
     sites: list[Site] = []
-    for boundary, D in chosen:
+    names = [b.name for b, _, _ in chosen]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise PlanError(f"sites {twice} are named twice (in sites and probes, or by two aliases)")
+    for boundary, D, probe_only in chosen:
         key = boundary.name.replace(".", "_").replace(":", "__")
         while any(s.key == key for s in sites):
             key += "_"
+        route = None if probe_only else boundary.route
+        maps = ("widen", "narrow") if route is not None else ("widen",)
         params = {
             f"{m}.{p}": f"pairs.{key}.{m}.{p}"
-            for m in ("widen", "narrow")
+            for m in maps
             for p in (("weight", "bias") if bias else ("weight",))
         }
-        assert boundary.route is not None
         sites.append(
             Site(
                 name=boundary.name,
@@ -158,7 +186,7 @@ def _plan(table: BlockTable, chosen: list[tuple[Boundary, int]], bias: bool) -> 
                 d=boundary.width,
                 D=D,
                 bias=bias,
-                route=boundary.route,
+                route=route or Route(PROBE_ONLY, [], [], []),
                 probe=boundary.probe,
                 key=key,
                 params=params,

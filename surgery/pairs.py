@@ -33,10 +33,13 @@ class Pair(nn.Module):
 
     `probe` holds M1(h) from the last forward while recording (see surgery.probe)."""
 
-    def __init__(self, d: int, D: int, *, bias: bool = False, device=None, dtype=None) -> None:
+    def __init__(
+        self, d: int, D: int, *, bias: bool = False, narrow: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         self.widen = nn.Linear(d, D, bias=bias, device=device, dtype=dtype)
-        self.narrow = nn.Linear(D, d, bias=bias, device=device, dtype=dtype)
+        # a probe-only site reads M1(h) and inserts nothing, so it has no narrow map
+        self.narrow = nn.Linear(D, d, bias=bias, device=device, dtype=dtype) if narrow else None
         self.recording = False
         self.probe: torch.Tensor | None = None
 
@@ -129,20 +132,24 @@ def init_identity(pair: Pair, site: Site | None = None) -> None:
     q, r = torch.linalg.qr(torch.randn(pair.D, pair.d, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     pair.widen.weight.copy_(q)
-    pair.narrow.weight.copy_(q.T)
     if pair.widen.bias is not None:
         pair.widen.bias.zero_()
-        pair.narrow.bias.zero_()
+    if pair.narrow is not None:
+        pair.narrow.weight.copy_(q.T)
+        if pair.narrow.bias is not None:
+            pair.narrow.bias.zero_()
 
 
 @torch.no_grad()
 def init_random(pair: Pair, site: Site | None = None) -> None:
     """A generic non-identity pair with unit gain on average (for tests and experiments)."""
     pair.widen.weight.copy_(torch.randn(pair.D, pair.d, dtype=torch.float64) / pair.d**0.5)
-    pair.narrow.weight.copy_(torch.randn(pair.d, pair.D, dtype=torch.float64) / pair.D**0.5)
     if pair.widen.bias is not None:
         pair.widen.bias.copy_(0.1 * torch.randn(pair.D, dtype=torch.float64))
-        pair.narrow.bias.copy_(0.1 * torch.randn(pair.d, dtype=torch.float64))
+    if pair.narrow is not None:
+        pair.narrow.weight.copy_(torch.randn(pair.d, pair.D, dtype=torch.float64) / pair.D**0.5)
+        if pair.narrow.bias is not None:
+            pair.narrow.bias.copy_(0.1 * torch.randn(pair.d, dtype=torch.float64))
 
 
 INITS: dict[str, InitFn] = {"identity": init_identity, "random": init_random}

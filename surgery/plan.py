@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PLAN_VERSION = 1
+PROBE_ONLY = (
+    "probe only"  # a Route kind: the site has a widen map for the WIN probe and folds nothing
+)
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Target:
     outer: int = 1
     inner: int = 1
     eps: float | None = None
+    add_bias: bool = True  # the pair bias goes here (a sum of several writers takes it once)
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Placement:
 class Route:
     """How a boundary folds: which parameters absorb the pair, and where the pair runs until then."""
 
-    kind: str  # "consumer", "producer", "producer through BatchNorm", "producer embedding"
+    kind: str  # "consumer", "producer", "producer through BatchNorm", "producer embedding", ..., PROBE_ONLY
     targets: list[Target]
     placements: list[Placement]
     absorbed_by: list[str]  # parameter names, for people

@@ -110,16 +110,10 @@ def producer_route(head: Op, ctx: RuleContext) -> tuple[Route | None, str]:
             for role, name in t.params.items()
             if role in ("weight", "producer_weight")
         ]
-        if isinstance(rule, BatchNormProducer):
-            return Route(
-                "producer through BatchNorm",
-                targets,
-                rule.placements(head),
-                absorbed,
-                notes=[rule.note(head, ctx)],
-            ), ""
-        kind = "producer embedding" if head.kind == "embedding" else "producer"
-        return Route(kind, targets, rule.placements(head), absorbed), ""
+        notes = [rule.note(head, ctx)] if isinstance(rule, BatchNormProducer) else []
+        return Route(
+            rule.route_kind, targets, rule.placements(head, ctx), absorbed, notes=notes
+        ), ""
     return None, f"{where(head)}: {edge_reason(head)}"
 
 
