@@ -14,11 +14,12 @@ import torch
 from surgery.plan import Target
 
 from . import algebra
+from .attention import PackedAttentionConsumer
 from .batchnorm import BatchNormProducer
 from .embedding import EmbeddingProducer, EmbeddingSumProducer
 from .linear_conv import LayerConsumer, LayerProducer
 
-CONSUMER_RULES = (LayerConsumer(),)
+CONSUMER_RULES = (LayerConsumer(), PackedAttentionConsumer())
 PRODUCER_RULES = (LayerProducer(), BatchNormProducer(), EmbeddingProducer(), EmbeddingSumProducer())
 
 Tensors = dict[str, torch.Tensor]

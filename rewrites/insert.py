@@ -42,10 +42,11 @@ class InputPairs:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if args:
-            x = args[0]
+            h = x = args[0]
             for action in self.actions:
                 x = action(x)
-            return (x, *args[1:]), kwargs
+            # self-attention passes h as query, key and value: all of them read the pair's output
+            return tuple(x if a is h else a for a in args), kwargs
         key = next(iter(kwargs))
         x = kwargs[key]
         for action in self.actions:

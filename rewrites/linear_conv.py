@@ -83,6 +83,9 @@ class LayerConsumer:
     def placement(self, op: Op, layout: Layout) -> Placement:
         return Placement(op.module or "", "input", layout.axis, layout.outer, layout.inner)
 
+    def absorbed(self, op: Op) -> str:
+        return op.params["weight"]
+
 
 def layout_rank(op: Op, ctx: RuleContext) -> int:
     """Rank of `op`'s (first) input tensor."""

@@ -99,7 +99,12 @@ class _PathTracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or normalize.is_leaf(m)
+        """Known layers are one op; torch.nn composites (TransformerEncoderLayer, ...) are traced
+        through so their Linear/attention/norm calls become visible."""
+        if normalize.is_leaf(m):
+            return True
+        has_children = next(m.children(), None) is not None
+        return super().is_leaf_module(m, module_qualified_name) and not has_children
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
@@ -264,6 +269,9 @@ def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) ->
             sub = modules[node.target]
             kind, attrs = normalize.classify_module(sub)
             label, module = type(sub).__name__, node.target
+            if kind == "attention":  # self-attention: query, key and value are one tensor
+                qkv = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
+                attrs["self_attention"] = len({id(a) for a in qkv if isinstance(a, fx.Node)}) == 1
             params = {
                 role: f"{node.target}.{role}"
                 for role, value in _module_tensors(sub).items()
@@ -447,6 +455,8 @@ def _module_call_op(
             if name not in inside and name in ops and name not in inputs:
                 inputs.append(name)
     kind, attrs = normalize.classify_module(module)
+    if kind == "attention":
+        attrs["self_attention"] = _one_activation(inputs, ops)
     val = out.meta.get("val")
     return Op(
         name=out.name,
@@ -462,6 +472,15 @@ def _module_call_op(
         attrs=attrs,
         source=_source(out.meta.get("stack_trace")),
     )
+
+
+def _one_activation(inputs: list[str], ops: dict[str, Op]) -> bool:
+    """An attention call whose float inputs of the query's shape are one tensor: q = k = v."""
+    first = ops[inputs[0]] if inputs else None
+    same = [
+        i for i in inputs if first and ops[i].shape == first.shape and ops[i].dtype == first.dtype
+    ]
+    return len(same) == 1
 
 
 def _source(stack_trace: str | None) -> str | None:

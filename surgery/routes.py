@@ -8,6 +8,7 @@ reason. If no edge absorbs, try the producer of h (it then replaces h on every e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from surgery.rewrites import CONSUMER_RULES, PRODUCER_RULES, channel_ops
 from surgery.rewrites.batchnorm import BatchNormProducer
@@ -42,7 +43,7 @@ def edge_reason(op: Op) -> str:
 
 @dataclass
 class _ConsumerSearch:
-    absorbing: list[tuple[Op, Layout]] = field(default_factory=list)
+    absorbing: list[tuple[Any, Op, Layout]] = field(default_factory=list)  # rule, layer, layout
     kept: dict[str, str] = field(default_factory=dict)  # where -> why the edge keeps h
 
 
@@ -62,7 +63,7 @@ def _walk(tensor: Op, layout: Layout, ctx: RuleContext, found: _ConsumerSearch) 
         if rule is not None:
             reason = rule.check(user, layout, ctx)
             if reason is None:
-                found.absorbing.append((user, layout))
+                found.absorbing.append((rule, user, layout))
             else:
                 found.kept[where(user)] = reason
         elif user.kind == "transparent":
@@ -85,11 +86,10 @@ def consumer_route(
         return None, found.kept
     targets: list[Target] = []
     placements: list[Placement] = []
-    rule = CONSUMER_RULES[0]
-    for op, at in found.absorbing:
+    for rule, op, at in found.absorbing:
         targets += rule.targets(op, at, ctx)
         placements.append(rule.placement(op, at))
-    absorbed = [op.params["weight"] for op, _ in found.absorbing]
+    absorbed = [rule.absorbed(op) for rule, op, _ in found.absorbing]
     return Route("consumer", targets, placements, absorbed, kept=found.kept), found.kept
 
 
