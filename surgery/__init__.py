@@ -3,7 +3,7 @@
 from .blocks import BlockTable, Boundary, find_blocks
 from .errors import CaptureError, FoldError, PlanError, SurgeryError
 from .fold import fold, fold_state_dict
-from .paired import insert_pairs
+from .paired import apply_plan, insert_pairs, plan_pairs
 from .pairs import Pair, probe
 from .plan import Plan
 from .verify import VerifyReport, verify
@@ -21,7 +21,9 @@ __all__ = [
     "find_blocks",
     "fold",
     "fold_state_dict",
+    "apply_plan",
     "insert_pairs",
+    "plan_pairs",
     "probe",
     "verify",
 ]

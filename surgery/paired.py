@@ -45,6 +45,21 @@ def insert_pairs(
     The result is an instance of the model's own class with `.pairs` (site -> Pair with `.widen` and
     `.narrow`) and `.plan` (a JSON-serialisable surgery.Plan); read the WIN probes M1(h) with
     `surgery.probe(paired)`. `model` itself is not modified."""
+    plan = plan_pairs(model, example_inputs, wide=wide, sites=sites, probes=probes, bias=bias)
+    return apply_plan(model, plan, init=init)
+
+
+def plan_pairs(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    wide: Wide = 2.0,
+    sites: str | Sequence[str] = "auto",
+    probes: Sequence[str] = (),
+    bias: bool = False,
+) -> Plan:
+    """The Plan insert_pairs would follow (same arguments), without building anything: works on a
+    model on the meta device, so a 7B-parameter model can be planned with no weight memory."""
     for attr in ("pairs", "plan"):
         if hasattr(model, attr):
             raise PlanError(
@@ -61,18 +76,30 @@ def insert_pairs(
         )
     order = {name: i for i, name in enumerate(flow.ops)}
     chosen.sort(key=lambda item: order[item[0].tensor])
-    plan = _plan(table, chosen, bias)
+    return _plan(table, chosen, bias)
+
+
+def apply_plan(
+    model: nn.Module, plan: Plan, *, init: str | Callable[[Pair, Site], None] = "identity"
+) -> nn.Module:
+    """A copy of `model` with the pairs of `plan` attached (e.g. to rebuild a paired model whose
+    state_dict was saved: apply the saved plan to a fresh model, then load the state_dict)."""
     paired = copy.deepcopy(model)
     device, dtype = _device_dtype(model)
     init_fn = _init_fn(init)
     pairs = {}
     for site in plan.sites:
-        narrow = site.route.kind != PROBE_ONLY
-        pairs[site.name] = (
-            site.key,
-            Pair(site.d, site.D, bias=bias, narrow=narrow, device=device, dtype=dtype),
+        pair = Pair(
+            site.d,
+            site.D,
+            bias=site.bias,
+            narrow=site.route.kind != PROBE_ONLY,
+            device=device,
+            dtype=dtype,
         )
-        init_fn(pairs[site.name][1], site)
+        if device.type != "meta":
+            init_fn(pair, site)
+        pairs[site.name] = (site.key, pair)
     attach(paired, plan, PairDict(pairs))
     paired.plan = plan
     return paired
