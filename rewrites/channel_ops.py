@@ -7,6 +7,9 @@ returns the reason it does not commute.
 - reshape (view, flatten, unflatten, squeeze): the feature block stays contiguous in one axis.
 - permute (permute, transpose): the feature axis moves.
 - reduce (mean/sum over other axes): the feature axis shifts left by the reduced dims before it.
+
+With a pair bias c the op must also map a constant to itself (W h + c through the op equals W·op(h) + c):
+sums, scalings and zero-padded average pools that count the padding do not.
 """
 
 from __future__ import annotations
@@ -99,8 +102,14 @@ FAMILIES = {
 }
 
 
-def propagate(op: Op, layout: Layout, in_shape: Sequence[int]) -> Layout | str:
-    """The pair's layout at `op`'s output given its layout at `op`'s input, or why W cannot pass."""
+def propagate(
+    op: Op, layout: Layout, in_shape: Sequence[int], *, bias: bool = False
+) -> Layout | str:
+    """The pair's layout at `op`'s output given its layout at `op`'s input, or why W (and, with
+    `bias`, the pair bias c) cannot pass: a consumer-side pair runs after these ops, so it must act
+    there exactly as it would at h."""
     if op.kind != "transparent" or op.shape is None:
         return f"{op.op} ({op.name}) does not commute with a channel mix"
+    if bias and op.attrs.get("keeps_constants") is False:
+        return f"{op.op} does not carry a constant through unchanged, so the pair bias cannot pass it (use bias=False)"
     return FAMILIES[op.attrs["family"]](layout, in_shape, op.shape, op)

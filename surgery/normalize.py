@@ -110,7 +110,10 @@ def classify_module(m: nn.Module) -> Classified:
     if isinstance(m, _SPATIAL_MODULES):
         attrs: dict[str, Any] = {"family": "spatial"}
         if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-            attrs["count_include_pad"] = m.count_include_pad
+            divisor = getattr(m, "divisor_override", None)
+            attrs["keeps_constants"] = _avg_pool_keeps_constants(
+                m.padding, m.count_include_pad, divisor
+            )
         return "transparent", attrs
     if isinstance(m, _MAXPOOL_MODULES):
         return "max_pool", {}
@@ -177,7 +180,11 @@ def _binary(name: str, n_tensor_args: int, other: Any) -> Classified:
     if n_tensor_args >= 2:
         return ("add" if name in ("add", "sub") else "mul"), {}
     if name in ("mul", "div") and _is_scalar(other):
-        return "transparent", {"family": "pointwise", "what": f"{name} by a scalar"}
+        return "transparent", {
+            "family": "pointwise",
+            "what": f"{name} by a scalar",
+            "keeps_constants": False,
+        }
     if name in ("add", "sub"):
         return "other", {"why": f"{name} of a constant shifts the tensor (not a channel mix)"}
     return "mul", {}
@@ -218,7 +225,27 @@ def _permutation(rank: int, name: str, args: Sequence[Any]) -> list[int] | None:
     return None
 
 
-def _reduce_attrs(rank: int, dims: Any, keepdim: Any) -> Classified:
+def _avg_pool_keeps_constants(padding: Any, count_include_pad: Any, divisor_override: Any) -> bool:
+    """Average pooling maps a constant to itself unless zero padding is counted or the divisor is fixed."""
+    pads = padding if isinstance(padding, (list, tuple)) else [padding]
+    padded = any(int(p) > 0 for p in pads)
+    return divisor_override is None and not (
+        padded and (count_include_pad is None or bool(count_include_pad))
+    )
+
+
+def _avg_pool_attrs(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override) of avg_pool."""
+    padding = _dims_arg(args, kwargs, 3, "padding") or 0
+    count_include_pad = _dims_arg(args, kwargs, 5, "count_include_pad")
+    divisor = _dims_arg(args, kwargs, 6, "divisor_override")
+    return {
+        "family": "spatial",
+        "keeps_constants": _avg_pool_keeps_constants(padding, count_include_pad, divisor),
+    }
+
+
+def _reduce_attrs(name: str, rank: int, dims: Any, keepdim: Any) -> Classified:
     if dims is None:
         return "other", {"why": "reduces over every axis, the feature axis included"}
     dims = [dims] if isinstance(dims, int) else list(dims)
@@ -226,6 +253,7 @@ def _reduce_attrs(rank: int, dims: Any, keepdim: Any) -> Classified:
         "family": "reduce",
         "dims": sorted(int(d) % rank for d in dims),
         "keepdim": bool(keepdim),
+        "keeps_constants": name == "mean",  # a sum multiplies a constant by the reduced size
     }
 
 
@@ -246,6 +274,8 @@ def classify_function(
         }
     if fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
         return "transparent", {"family": "pointwise"}
+    if fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+        return "transparent", _avg_pool_attrs(args, kwargs)
     if fn in _SPATIAL_FUNCTIONS:
         return "transparent", {"family": "spatial"}
     if fn in _MAXPOOL_FUNCTIONS:
@@ -261,7 +291,10 @@ def classify_function(
         return "transparent", {"family": "permute", "perm": _permutation(rank, name, args[1:])}
     if fn in (torch.mean, torch.sum):
         return _reduce_attrs(
-            rank, _dims_arg(args, kwargs, 1, "dim"), _dims_arg(args, kwargs, 2, "keepdim")
+            fn.__name__,
+            rank,
+            _dims_arg(args, kwargs, 1, "dim"),
+            _dims_arg(args, kwargs, 2, "keepdim"),
         )
     if fn in (torch.cat, torch.concat, torch.stack):
         return "cat", {}
@@ -288,7 +321,7 @@ def classify_method(
         return "transparent", {"family": "permute", "perm": _permutation(rank, name, args)}
     if name in ("mean", "sum"):
         return _reduce_attrs(
-            rank, _dims_arg(args, kwargs, 0, "dim"), _dims_arg(args, kwargs, 1, "keepdim")
+            name, rank, _dims_arg(args, kwargs, 0, "dim"), _dims_arg(args, kwargs, 1, "keepdim")
         )
     if name in _NONLINEAR_METHODS:
         return "nonlinear", {}
@@ -427,11 +460,13 @@ def classify_aten(target: Any, args: Sequence[Any], n_tensor_args: int, rank: in
             "family": "permute",
             "perm": _permutation(rank, "permute" if name == "permute" else name, args[1:]),
         }
+    if name in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
+        return "transparent", _avg_pool_attrs(args, {})
     if name in _ATEN_SPATIAL:
         return "transparent", {"family": "spatial"}
     if name in ("mean", "sum"):
         return _reduce_attrs(
-            rank, args[1] if len(args) > 1 else None, args[2] if len(args) > 2 else False
+            name, rank, args[1] if len(args) > 1 else None, args[2] if len(args) > 2 else False
         )
     if name in _ATEN_MAXPOOL:
         return "max_pool", {}

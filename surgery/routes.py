@@ -67,7 +67,7 @@ def _walk(tensor: Op, layout: Layout, ctx: RuleContext, found: _ConsumerSearch) 
             else:
                 found.kept[where(user)] = reason
         elif user.kind == "transparent":
-            moved = channel_ops.propagate(user, layout, tensor.shape or ())
+            moved = channel_ops.propagate(user, layout, tensor.shape or (), bias=ctx.bias)
             if isinstance(moved, str):
                 found.kept[where(user)] = moved
             else:
