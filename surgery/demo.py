@@ -12,14 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import Progress
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from .blocks import find_blocks
 from .fold import fold
 from .paired import insert_pairs
 from .pairs import probe
-from .report import render_table
+from .report import progress_bar, render_table
 from .verify import verify
 
 
@@ -118,7 +117,7 @@ def _train(
     optimizer = torch.optim.SGD(paired.parameters(), lr=0.01, momentum=0.9)
     losses = []
     start = time.perf_counter()
-    with Progress(console=console, transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("training the paired model", total=steps)
         for step in range(steps):
             idx = torch.arange(step * batch, (step + 1) * batch) % len(data)

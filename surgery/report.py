@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 
@@ -34,3 +35,9 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
+
+
+def progress_bar(*, enabled: bool = True) -> Progress:
+    """A transient progress bar on stderr, shown only on a terminal (logs and pipes stay clean)."""
+    console = Console(stderr=True)
+    return Progress(console=console, transient=True, disable=not (enabled and console.is_terminal))

@@ -1,0 +1,423 @@
+"""The ready-made WIN loops: supervised / KD training (stage 1, stage 3, the baselines), layerwise
+imitation (stage 2, with restarts), and the whole recipe (`win`). Each also runs under torchrun: the
+model is wrapped in DistributedDataParallel when a process group is initialised, nothing else."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.blocks import BlockTable, analyse
+from surgery.capture import as_example_inputs, capture
+from surgery.errors import PlanError
+from surgery.fold import fold, strip_pairs, unwrap
+from surgery.paired import insert_pairs
+from surgery.report import progress_bar
+
+from .imitation import Imitation, Mapping_, least_squares_start, teacher_site, teacher_table
+from .sample import sample_from_teacher
+
+Batch = tuple[Any, Any]  # (inputs: tensor or tuple of tensors, labels)
+
+
+def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise PlanError("the batches iterable is empty")
+
+
+def _inputs(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _main_process() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _wrap(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel under torchrun (unused parameters allowed: a stage trains a prefix)."""
+    if _distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
+        return nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def _optimizer(model: nn.Module, steps: int, lr: float, momentum: float, weight_decay: float):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    # cosine decay from lr to 0 within the stage (the paper's schedule for stages 2 and 3)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
+    )
+    return opt, sched
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the last dim (sequence models: every position)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL from the teacher's to the student's softened distribution, times T² (Hinton et al.)."""
+    t = temperature
+    s_log = F.log_softmax(student.reshape(-1, student.shape[-1]) / t, -1)
+    t_log = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]) / t, -1)
+    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
+
+
+@dataclass
+class Log:
+    """Per-stage loss curves, in order."""
+
+    stages: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, stage: str, value: float) -> None:
+        self.stages.setdefault(stage, []).append(value)
+
+    def plot(self, path: str, title: str = "WIN training") -> str:
+        """A PNG of the loss curves, stage after stage on one step axis (log scale)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        start = 0
+        for name, values in self.stages.items():
+            ax.plot(range(start, start + len(values)), values, label=name, linewidth=1)
+            ax.axvline(start, color="0.85", linewidth=0.8)
+            start += len(values)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(title)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def train(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    steps: int,
+    *,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    teacher: nn.Module | None = None,
+    kd_weight: float = 1.0,
+    temperature: float = 1.0,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = task_loss,
+    log: Log | None = None,
+    stage: str = "train",
+) -> list[float]:
+    """Supervised training (teacher=None: stage 1, the vanilla baseline) or fine-tuning with labels
+    plus KD from a frozen teacher's logits (stage 3; kd_weight=1 is the paper's KL-only loss)."""
+    net = _wrap(model)
+    net.train()
+    opt, sched = _optimizer(net, steps, lr, momentum, weight_decay)
+    if teacher is not None:
+        teacher.eval()
+    losses: list[float] = []
+    data = _cycle(batches)
+    with progress_bar(enabled=_main_process()) as progress:
+        task = progress.add_task(stage, total=steps)
+        for _ in range(steps):
+            x, y = next(data)
+            logits = _logits(net(*_inputs(x)))
+            loss = torch.zeros((), device=logits.device)
+            if teacher is None or kd_weight < 1:
+                loss = loss + (1 - (kd_weight if teacher is not None else 0)) * loss_fn(logits, y)
+            if teacher is not None and kd_weight > 0:
+                with torch.no_grad():
+                    target = _logits(teacher(*_inputs(x)))
+                loss = loss + kd_weight * kd_loss(logits, target, temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if log is not None:
+                log.add(stage, losses[-1])
+            progress.update(task, advance=1, description=f"{stage} (loss {losses[-1]:.4f})")
+    return losses
+
+
+def imitate(
+    paired: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Batch],
+    example_inputs: Any,
+    stages: Sequence[Sequence[str]],
+    steps: int | Sequence[int],
+    *,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    restarts: int = 0,
+    mapping: Mapping_ = "same",
+    loss: str = "mse",
+    log: Log | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Stage 2: stage by stage (each a chunk of consecutive sites), train the student prefix so that
+    each site's probe M1(h) matches the teacher's block output; teacher frozen; cosine lr per stage.
+    With restarts, the newest block is re-initialised and the run that mimics best is kept.
+    Returns the final held-out imitation loss per stage."""
+    per_stage = [steps] * len(stages) if isinstance(steps, int) else list(steps)
+    if len(per_stage) != len(stages):
+        raise PlanError(f"{len(per_stage)} step budgets for {len(stages)} stages")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    net = _wrap(paired)
+    data = _cycle(batches)
+    held_out = _inputs(next(data)[0])
+    blocks = _newest_blocks(paired, example_inputs, stages) if restarts else {}
+    finals = {}
+    for chunk, budget in zip(stages, per_stage, strict=True):
+        name = "imitate " + "+".join(chunk)
+        objective = Imitation(net, teacher, example_inputs, sites=chunk, mapping=mapping, loss=loss)
+        start = copy.deepcopy(unwrap(paired).state_dict())
+        best: tuple[float, dict[str, torch.Tensor]] | None = None
+        for attempt in range(restarts + 1):
+            if attempt:
+                unwrap(paired).load_state_dict(start)
+                _reinitialise(unwrap(paired), blocks[chunk[-1]], seed + attempt)
+            tag = f"{name} (restart {attempt})" if restarts else name
+            _imitation_stage(net, objective, data, budget, lr, momentum, log, tag)
+            with torch.no_grad():
+                score = _mean_over_ranks(objective(*held_out).item())
+            if best is None or score < best[0]:
+                best = (score, copy.deepcopy(unwrap(paired).state_dict()))
+        unwrap(paired).load_state_dict(best[1])
+        finals[name] = best[0]
+    return finals
+
+
+def _imitation_stage(
+    net: nn.Module,
+    objective: Imitation,
+    data: Iterator[Batch],
+    steps: int,
+    lr: float,
+    momentum: float,
+    log: Log | None,
+    tag: str,
+) -> None:
+    net.train()
+    opt, sched = _optimizer(net, steps, lr, momentum, 0.0)
+    with progress_bar(enabled=_main_process()) as progress:
+        task = progress.add_task(tag, total=steps)
+        for _ in range(steps):
+            x, _ = next(data)
+            loss = objective(*_inputs(x))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if log is not None:
+                log.add(tag, loss.item())
+            progress.update(task, advance=1, description=f"{tag} (loss {loss.item():.4f})")
+
+
+def _mean_over_ranks(value: float) -> float:
+    """The same number on every rank, so every rank keeps the same restart."""
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _newest_blocks(
+    paired: nn.Module, example_inputs: Any, stages: Sequence[Sequence[str]]
+) -> dict[str, list[str]]:
+    """For each stage's last site, the modules computed after the previous stage's last site."""
+    thin = strip_pairs(paired)
+    flow = capture(thin, example_inputs)
+    order = list(flow.ops)
+    plan = unwrap(paired).plan
+    blocks: dict[str, list[str]] = {}
+    previous = -1
+    for chunk in stages:
+        end = order.index(plan.site(chunk[-1]).tensor)
+        modules = {
+            flow.ops[n].module
+            for n in order[previous + 1 : end + 1]
+            if flow.ops[n].module and flow.ops[n].params
+        }
+        blocks[chunk[-1]] = sorted(modules)
+        previous = end
+    return blocks
+
+
+def _reinitialise(model: nn.Module, modules: list[str], seed: int) -> None:
+    """Fresh default initialisation of a block (same seed on every rank)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for path in modules:
+            module = model.get_submodule(path)
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@dataclass
+class Recipe:
+    """WIN stages 2-3 (the paper's Section 5 defaults where it gives them)."""
+
+    stages: str | Sequence[Sequence[str]] = (
+        "blocks"  # "blocks" (each its own), "resolution", or explicit chunks
+    )
+    imitation_steps: int | Sequence[int] = 100  # per stage
+    imitation_lr: float = 0.1
+    finetune_steps: int = 500
+    finetune_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # the paper uses none in stages 2 and 3
+    kd_weight: float = 1.0  # 1: KL to the teacher's logits only (the paper); 0: labels only
+    temperature: float = 1.0
+    restarts: int = 0
+    loss: str = "mse"
+    mapping: Mapping_ = "same"  # student site -> teacher block: "same", k (1:k), or a dict
+    sampled_start: bool = False  # Assumption 3.4: thin layers sampled from the wide ones
+    least_squares_start: bool = False  # closed-form M1 before the gradient steps (beyond the paper)
+    merge: str = "after_finetune"  # or "after_imitation" (fold, then fine-tune the thin model)
+
+
+@dataclass
+class WinResult:
+    thin: nn.Module
+    paired: nn.Module
+    log: Log
+    imitation: dict[str, float]
+    stages: list[list[str]]
+
+
+def choose_stages(
+    table: BlockTable,
+    teacher_blocks: BlockTable,
+    how: str | Sequence[Sequence[str]],
+    mapping: Mapping_,
+) -> list[list[str]]:
+    """Imitation stages: explicit chunks, every block boundary the teacher also has ("blocks"), or
+    chunks that end where the boundary shape changes ("resolution": ResNet's 4 chunks)."""
+    if not isinstance(how, str):
+        return [list(chunk) for chunk in how]
+    candidates = [
+        b
+        for b in table
+        if b.probe is not None
+        and not b.in_block
+        and not b.inside_block
+        and b.tensor not in table.flow.outputs
+    ]
+    names = set(teacher_blocks.names) | {a for b in teacher_blocks for a in b.aliases}
+    candidates = [b for b in candidates if teacher_site(b.name, mapping) in names]
+    if how == "blocks":
+        return [[b.name] for b in candidates]
+    if how == "resolution":
+        chunks: list[list[str]] = []
+        for i, b in enumerate(candidates):
+            if not chunks or chunks[-1] == []:
+                chunks.append([])
+            chunks[-1].append(b.name)
+            nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+            if nxt is None or nxt.shape != b.shape:
+                chunks.append([])
+        return [c for c in chunks if c]
+    raise PlanError(f"stages must be 'blocks', 'resolution' or a list of chunks, got {how!r}")
+
+
+def win(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Batch],
+    example_inputs: Any,
+    recipe: Recipe | None = None,
+) -> WinResult:
+    """Stages 2 and 3 of WIN on a trained teacher: pairs sized to the teacher's widths at every stage
+    site (probe-only where a site cannot fold), layerwise imitation, fine-tuning with KD, fold.
+    `student` is not modified; the result's `thin` has the student's exact architecture."""
+    recipe = recipe or Recipe()
+    inputs = as_example_inputs(student, example_inputs)
+    student = copy.deepcopy(student)
+    if recipe.sampled_start:
+        sample_from_teacher(student, teacher, inputs)
+    table = analyse(capture(student, inputs), inside_blocks=True)
+    t_table = teacher_table(teacher, inputs)
+    stages = choose_stages(table, t_table, recipe.stages, recipe.mapping)
+    if not stages:
+        raise PlanError(
+            "no block of the student has a counterpart in the teacher to imitate; pass recipe.stages and recipe.mapping"
+        )
+    sites = [s for chunk in stages for s in chunk]
+    widths = {s: t_table.get(teacher_site(s, recipe.mapping)).width for s in sites}
+    foldable = [s for s in sites if table.get(s).foldable]
+    paired = insert_pairs(
+        student, inputs, wide=widths, sites=foldable, probes=[s for s in sites if s not in foldable]
+    )
+    log = Log()
+    if recipe.least_squares_start:
+        calibration = _inputs(next(_cycle(batches))[0])
+        least_squares_start(
+            Imitation(paired, teacher, inputs, sites=sites, mapping=recipe.mapping), *calibration
+        )
+    finals = imitate(
+        paired,
+        teacher,
+        batches,
+        inputs,
+        stages,
+        recipe.imitation_steps,
+        lr=recipe.imitation_lr,
+        momentum=recipe.momentum,
+        restarts=recipe.restarts,
+        mapping=recipe.mapping,
+        loss=recipe.loss,
+        log=log,
+    )
+    finetune = dict(
+        lr=recipe.finetune_lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        teacher=teacher,
+        kd_weight=recipe.kd_weight,
+        temperature=recipe.temperature,
+        log=log,
+        stage="fine-tune",
+    )
+    if recipe.merge == "after_imitation":
+        thin = fold(paired.eval())
+        train(thin, batches, recipe.finetune_steps, **finetune)
+    elif recipe.merge == "after_finetune":
+        train(paired, batches, recipe.finetune_steps, **finetune)
+        thin = fold(paired.eval())
+    else:
+        raise PlanError(
+            f"merge must be 'after_finetune' or 'after_imitation', got {recipe.merge!r}"
+        )
+    return WinResult(thin.eval(), paired, log, finals, stages)
