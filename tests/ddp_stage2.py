@@ -1,0 +1,33 @@
+"""Run under torchrun: a short WIN stage 2 with DistributedDataParallel (gloo), then write this rank's
+flattened weights so the test can check that the ranks agree."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from win_models import DeepThin, synthetic_batches
+
+from surgery import win
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # same student, teacher and pairs on every rank (DDP broadcasts anyway)
+    student, x = DeepThin(), synthetic_batches()[0][0][:4]
+    teacher = win.widen(student, 2.0, x)
+    widths = win.teacher_widths(teacher, x, ["blocks.0", "blocks.1"])
+    paired = __import__("surgery").insert_pairs(student, x, wide=widths, sites=list(widths))
+    batches = synthetic_batches(seed=1 + rank)  # each rank sees different data
+    finals = win.imitate(
+        paired, teacher, batches, x, [["blocks.0"], ["blocks.1"]], 5, lr=0.05, restarts=1
+    )
+    flat = torch.cat([p.detach().flatten() for p in paired.parameters()])
+    torch.save({"rank": rank, "weights": flat, "finals": finals}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,246 @@
+"""WIN training end to end on tiny models: stage losses fall, the fold is exact, the architecture
+comes back; the teacher builders, the sampled start, the closed-form start, and DDP under torchrun."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import max_rel_error
+from torch import nn
+from win_models import DeepThin, synthetic_batches
+
+import surgery
+from surgery import win
+
+X = synthetic_batches()[0][0][:4]
+
+
+@pytest.fixture(scope="module")
+def trained_teacher():
+    torch.manual_seed(0)
+    teacher = win.widen(DeepThin(), 2.0, X)
+    win.train(teacher, synthetic_batches(), 60, lr=0.05)
+    return teacher.eval()
+
+
+def test_win_end_to_end_stages_improve_and_fold_is_exact(trained_teacher, tmp_path):
+    torch.manual_seed(1)
+    student = DeepThin()
+    recipe = win.Recipe(imitation_steps=25, finetune_steps=40, imitation_lr=0.05, finetune_lr=0.01)
+    result = win.win(student, trained_teacher, synthetic_batches(), X, recipe)
+    assert result.stages == [["stem"], ["blocks.0"], ["blocks.1"], ["blocks.2"], ["blocks"]]
+    for stage, losses in result.log.stages.items():
+        if stage.startswith("imitate"):
+            first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+            assert last < first, f"{stage}: {first:.4f} -> {last:.4f}"
+    result.paired.eval()
+    with torch.no_grad():
+        assert max_rel_error(result.paired(X), result.thin(X)) <= 1e-5
+    assert type(result.thin) is DeepThin
+    DeepThin().load_state_dict(result.thin.state_dict(), strict=True)
+    assert Path(result.log.plot(str(tmp_path / "curves.png"))).stat().st_size > 1000
+    assert {n for n, _ in student.named_parameters()} == {
+        n for n, _ in result.thin.named_parameters()
+    }
+
+
+def test_merge_after_imitation_fine_tunes_the_thin_model(trained_teacher):
+    recipe = win.Recipe(
+        stages=[["blocks.1"]], imitation_steps=5, finetune_steps=5, merge="after_imitation"
+    )
+    result = win.win(DeepThin(), trained_teacher, synthetic_batches(), X, recipe)
+    assert type(result.thin) is DeepThin and "fine-tune" in result.log.stages
+
+
+def test_restarts_keep_the_best_mimic(trained_teacher):
+    torch.manual_seed(2)
+    paired = surgery.insert_pairs(
+        DeepThin(), X, wide=win.teacher_widths(trained_teacher, X, ["blocks.1"]), sites=["blocks.1"]
+    )
+    log = win.Log()
+    finals = win.imitate(
+        paired,
+        trained_teacher,
+        synthetic_batches(),
+        X,
+        [["blocks.1"]],
+        10,
+        lr=0.05,
+        restarts=2,
+        log=log,
+    )
+    assert len([s for s in log.stages if "restart" in s]) == 3
+    held_out = synthetic_batches()[0][0]
+    with torch.no_grad():
+        again = win.Imitation(paired, trained_teacher, X, sites=["blocks.1"])(held_out).item()
+    assert again == pytest.approx(
+        finals["imitate blocks.1"], rel=1e-6
+    )  # the kept run is the best one
+
+
+def test_imitation_loss_object_matches_mse_of_probe_and_teacher_block(trained_teacher):
+    paired = surgery.insert_pairs(
+        DeepThin(),
+        X,
+        wide=win.teacher_widths(trained_teacher, X, ["blocks.0"]),
+        sites=["blocks.0"],
+        init="random",
+    )
+    imitation = win.Imitation(paired, trained_teacher, X, sites=["blocks.0"])
+    loss = imitation(X)
+    seen = {}
+    trained_teacher.blocks[0].register_forward_hook(lambda m, a, o: seen.setdefault("t", o))
+    with torch.no_grad(), surgery.probe(paired, ["blocks.0"]) as probes:
+        trained_teacher(X)
+        paired(X)
+        expected = nn.functional.mse_loss(probes["blocks.0"], seen["t"])
+    trained_teacher.blocks[0]._forward_hooks.clear()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert paired.pairs["blocks.0"].widen.weight.grad is not None
+    assert (
+        paired.head.weight.grad is None
+    )  # the forward stopped after the probe: later blocks untouched
+
+
+def test_least_squares_start_fits_the_teacher_and_keeps_the_function(trained_teacher):
+    torch.manual_seed(3)
+    student = DeepThin().eval()
+    paired = surgery.insert_pairs(
+        student, X, wide=win.teacher_widths(trained_teacher, X, ["blocks.0"]), sites=["blocks.0"]
+    ).eval()
+    imitation = win.Imitation(paired, trained_teacher, X, sites=["blocks.0"])
+    calibration = synthetic_batches()[1][0]
+    with torch.no_grad():
+        before = imitation(calibration).item()
+        residual = win.least_squares_start(imitation, calibration)
+        after = imitation(calibration).item()
+        assert after < before and residual["blocks.0"] < 1
+        assert (
+            max_rel_error(student(X), paired(X)) <= 1e-4
+        )  # M2 = pinv(M1): the forward is unchanged
+
+
+def test_sampled_start_copies_scaled_teacher_neurons(trained_teacher):
+    student = win.sample_from_teacher(
+        DeepThin(), trained_teacher, X, generator=torch.Generator().manual_seed(0)
+    )
+    stem_t, stem_s = trained_teacher.stem.weight, student.stem.weight
+    rows = [i for i in range(16) if any(torch.equal(stem_t[i], stem_s[j]) for j in range(8))]
+    assert len(rows) == 8  # input channels are the model's: no scaling, rows copied verbatim
+    head_cols = student.head.weight
+    assert torch.allclose(
+        head_cols * 8 / 16, trained_teacher.head.weight[:, rows]
+    )  # scaled by D/d on the input side
+    bn_s, bn_t = student.blocks[2].bn, trained_teacher.blocks[2].bn
+    assert torch.equal(
+        bn_s.running_var, bn_t.running_var[rows]
+    )  # residual stream: one sample for all blocks
+
+
+def test_teacher_builders():
+    resnet = torchvision.models.resnet50(num_classes=10)
+    wide = win.widen(resnet, 2.0)
+    assert (
+        wide.layer1[0].conv2.out_channels == 128 and wide.layer1[0].conv3.out_channels == 256
+    )  # paper: 3x3 convs
+    mlp = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 3)
+    )
+    wide_mlp = win.widen(mlp, 3, torch.randn(2, 8))
+    assert [m.weight.shape for m in wide_mlp if hasattr(m, "weight")] == [
+        (48, 8),
+        (48, 48),
+        (48,),
+        (3, 48),
+    ]
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=100,
+        )
+    )
+    wide_bert = win.widen(bert, 2)
+    assert (
+        wide_bert.config.hidden_size,
+        wide_bert.config.intermediate_size,
+        wide_bert.config.num_attention_heads,
+    ) == (128, 256, 4)
+    with pytest.raises(surgery.PlanError, match="factor must be >= 1"):
+        win.widen(mlp, 0.5)
+
+
+def test_one_to_k_block_mapping():
+    assert win.teacher_site("encoder.layer.0", 2) == "encoder.layer.1"
+    assert win.teacher_site("model.layers.5", 2) == "model.layers.11"
+    assert win.teacher_site("blocks.3", {"blocks.3": "blocks.7"}) == "blocks.7"
+    with pytest.raises(surgery.PlanError, match="no block index"):
+        win.teacher_site("stem", 2)
+
+
+def test_gpt2_student_imitates_a_deeper_teacher_through_probes():
+    transformers = pytest.importorskip("transformers")
+
+    def gpt(layers, width):
+        config = transformers.GPT2Config(
+            n_embd=width,
+            n_layer=layers,
+            n_head=2,
+            vocab_size=50,
+            n_positions=16,
+            use_cache=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return transformers.GPT2LMHeadModel(config).eval()
+
+    torch.manual_seed(0)
+    student, teacher = gpt(2, 16), gpt(4, 32)
+    ids = torch.randint(0, 50, (8, 16))
+    batches = [(ids, ids)]
+    recipe = win.Recipe(
+        stages=[["transformer.h.0"], ["transformer.h.1"]],
+        mapping=2,
+        imitation_steps=15,
+        finetune_steps=3,
+        imitation_lr=0.05,
+    )
+    result = win.win(student, teacher, batches, ids, recipe)
+    kinds = {s.name: s.route.kind for s in result.paired.plan.sites}
+    assert kinds == {
+        "transformer.h.0": "probe only",
+        "transformer.h.1": "probe only",
+    }  # pre-LN stream
+    losses = result.log.stages["imitate transformer.h.0"]
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        assert max_rel_error(result.paired(ids).logits, result.thin(ids).logits) <= 1e-5
+
+
+def test_stage2_under_torchrun_keeps_ranks_identical(tmp_path):
+    out = tmp_path / "weights"
+    script = Path(__file__).with_name("ddp_stage2.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=script.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+    assert ranks[0]["finals"] == ranks[1]["finals"]
