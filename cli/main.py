@@ -7,6 +7,8 @@ import sys
 
 from surgery.errors import SurgeryError
 
+from . import commands
+
 
 def _demo(args: argparse.Namespace) -> int:
     from surgery.demo import run_demo
@@ -20,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="surgery",
         description="Go Wide, Then Narrow: insert, train and fold widen/narrow pairs.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the whole pipeline on a small built-in ResNet")
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    demo = subcommands.add_parser("demo", help="run the whole pipeline on a small built-in ResNet")
     demo.add_argument(
         "--steps", type=int, default=20, help="training steps on synthetic data (default 20)"
     )
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    commands.register(subcommands)
     return parser
 
 

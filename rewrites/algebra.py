@@ -23,7 +23,12 @@ def absorb_input(
 
     Exact for Linear, Conv (groups=1, any kernel/stride/dilation/zero padding: zeros map to zeros)."""
     split = _split_feature(weight, axis, outer, inner).transpose(-1, -2)  # [..., outer, inner, d]
-    mixed = (split @ W).transpose(-1, -2)
+    if split.shape[-1] != W.shape[0]:
+        raise ValueError(
+            f"dim {axis} holds {split.shape[-1]} features per block, W maps {W.shape[0]}"
+        )
+    # one matrix product over all rows (a batch of vector-matrix products would re-read W per row)
+    mixed = (split.reshape(-1, W.shape[0]) @ W).reshape(split.shape).transpose(-1, -2)
     return mixed.reshape(weight.movedim(axis, -1).shape).movedim(-1, axis)
 
 

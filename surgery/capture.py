@@ -31,7 +31,7 @@ _OWN_DIRS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("surgery", "rewrites
 def as_example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
     """Normalise example inputs to a tuple; synthesise one batch from the first layer when None."""
     if example_inputs is None:
-        return _synthesise_inputs(model)
+        return synthesise_inputs(model)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
@@ -41,18 +41,26 @@ def as_example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
-def _synthesise_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+def synthesise_inputs(
+    model: nn.Module, shape: Sequence[int] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """One random batch for `model`, shaped by its first layer (token ids for an embedding, floats
+    otherwise); `shape` overrides the guessed shape (e.g. from the command line)."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-            spatial = [64] * len(module.kernel_size)
-            return (torch.randn(2, module.in_channels, *spatial, device=device, dtype=dtype),)
+            guess = (2, module.in_channels, *[64] * len(module.kernel_size))
+            return (torch.randn(*(shape or guess), device=device, dtype=dtype),)
         if isinstance(module, nn.Linear):
-            return (torch.randn(2, module.in_features, device=device, dtype=dtype),)
+            return (torch.randn(*(shape or (2, module.in_features)), device=device, dtype=dtype),)
         if isinstance(module, nn.Embedding):
-            return (torch.randint(0, module.num_embeddings, (2, 16), device=device),)
+            return (
+                torch.randint(0, module.num_embeddings, tuple(shape or (2, 16)), device=device),
+            )
+    if shape is not None:
+        return (torch.randn(*shape, device=device, dtype=dtype),)
     raise PlanError(
         f"cannot guess an input for {type(model).__name__}: pass example_inputs, e.g. (torch.randn(2, 3, 64, 64),)"
     )

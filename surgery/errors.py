@@ -17,3 +17,7 @@ class PlanError(SurgeryError, ValueError):
 
 class FoldError(SurgeryError):
     """A fold recipe could not be applied exactly (refused, never approximated)."""
+
+
+class CheckpointError(SurgeryError):
+    """A checkpoint file is unreadable, inconsistent with its plan, or unsafe to load."""

@@ -7,7 +7,9 @@ on their own; `fold` wraps it for a live paired model and returns the user's cla
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,64 +18,164 @@ from surgery.rewrites import RULES
 from surgery.rewrites.insert import detach
 
 from .errors import FoldError
-from .plan import Plan, Site
+from .plan import Plan, Site, Target
 
 
 def pair_product(
     state: Mapping[str, torch.Tensor], site: Site
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W, c) of a site's pair in float64: the pair maps h to W h + c."""
-    try:
-        m1 = state[site.params["widen.weight"]].double()
-        m2 = state[site.params["narrow.weight"]].double()
-    except KeyError as missing:
-        raise FoldError(
-            f"site {site.name!r}: the state_dict has no pair tensor {missing}"
-        ) from None
-    if tuple(m1.shape) != (site.D, site.d) or tuple(m2.shape) != (site.d, site.D):
-        raise FoldError(
-            f"site {site.name!r}: pair shapes {tuple(m1.shape)}, {tuple(m2.shape)} do not match the plan "
-            f"(widen {site.D}x{site.d}, narrow {site.d}x{site.D})"
-        )
+    pair = {role: state[name] for role, name in site.params.items() if name in state}
+    _check_pair(site, {role: tuple(t.shape) for role, t in pair.items()})
+    m1, m2 = pair["widen.weight"].double(), pair["narrow.weight"].double()
     W = m2 @ m1
     if not site.bias:
         return W, None
-    c = m2 @ state[site.params["widen.bias"]].double() + state[site.params["narrow.bias"]].double()
-    return W, c
+    return W, m2 @ pair["widen.bias"].double() + pair["narrow.bias"].double()
+
+
+def _check_pair(site: Site, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise FoldError unless the pair's tensors (by role) are all there with the plan's widths."""
+    expected = {
+        "widen.weight": (site.D, site.d),
+        "narrow.weight": (site.d, site.D),
+        "widen.bias": (site.D,),
+        "narrow.bias": (site.d,),
+    }
+    for role, name in site.params.items():
+        if role not in shapes:
+            raise FoldError(f"site {site.name!r}: the state_dict has no pair tensor {name!r}")
+        if shapes[role] != expected.get(role):
+            raise FoldError(
+                f"site {site.name!r}: pair tensor {name} has shape {list(shapes[role])}, which does "
+                f"not match the plan (widen {site.D}x{site.d}, narrow {site.d}x{site.D})"
+            )
+    if "widen.weight" not in site.params or "narrow.weight" not in site.params:
+        raise FoldError(f"site {site.name!r}: the plan names no widen and narrow weights")
 
 
 def fold_state_dict(state: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
     """The thin state_dict: every recipe applied in plan order, in float64, cast back to each
     parameter's dtype; pair tensors dropped, every other entry passed through untouched."""
-    work: dict[str, torch.Tensor] = {}
+    pair_keys = plan.pair_keys()
+    thin = {k: v for k, v in state.items() if k not in pair_keys}
+    for folded in fold_components(state, plan):
+        for name, value in folded.items():
+            thin[name] = value.to(state[name].dtype)
+    return thin
 
-    def current(name: str, site: Site) -> torch.Tensor:
+
+@dataclass
+class Component:
+    """Parameters linked by the plan's targets (they fold together) and their updates in plan order."""
+
+    names: list[str]
+    steps: list[tuple[Site, Target]]
+
+
+def components(plan: Plan) -> list[Component]:
+    """The plan's targets grouped into connected components of the parameters they touch, ordered by
+    their first update. Updates of disjoint parameters commute, so folding component by component
+    equals folding site by site, and only one component's tensors need to be in memory."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    steps = [(site, target) for site in plan.sites for target in site.route.targets]
+    for _, target in steps:
+        first, *rest = target.params.values()
+        for name in rest:
+            parent[root(name)] = root(first)
+    groups: dict[str, Component] = {}
+    for site, target in steps:
+        group = groups.setdefault(root(next(iter(target.params.values()))), Component([], []))
+        group.steps.append((site, target))
+        group.names += [n for n in target.params.values() if n not in group.names]
+    return list(groups.values())
+
+
+def fold_components(
+    state: Mapping[str, torch.Tensor], plan: Plan
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Each component's folded parameters in float64, in plan order (see `components`).
+
+    `state` is read lazily (a dict, or a checkpoint that reads tensors from disk on access): only the
+    current component's parameters and the pair products a later component still needs are held."""
+    groups = components(plan)
+    uses = Counter(name for group in groups for name in _site_names(group))
+    products: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for group in groups:
+        work: dict[str, torch.Tensor] = {}
+        for site, target in group.steps:
+            if site.name not in products:
+                products[site.name] = pair_product(state, site)
+            _apply(target, site, work, state, *products[site.name])
+        for name in _site_names(group):
+            uses[name] -= 1
+            if not uses[name]:
+                del products[name]
+        yield work
+
+
+def check_plan(plan: Plan, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise FoldError unless every tensor `plan` folds with is in `shapes` and every pair has the
+    plan's widths: a check before any tensor is read (a layer whose shape does not fit its rule is
+    refused by the rule's algebra when its component folds)."""
+    for site in plan.sites:
+        if not site.route.targets:
+            continue
+        _check_pair(site, {role: shapes[n] for role, n in site.params.items() if n in shapes})
+        for target in site.route.targets:
+            for name in target.params.values():
+                if name not in shapes:
+                    raise FoldError(
+                        f"site {site.name!r}: the recipe names {name!r}, which the state_dict lacks"
+                    )
+
+
+def _site_names(group: Component) -> list[str]:
+    return list(dict.fromkeys(site.name for site, _ in group.steps))
+
+
+def _apply(
+    target: Target,
+    site: Site,
+    work: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    W: torch.Tensor,
+    c: torch.Tensor | None,
+) -> None:
+    """One recipe step on the float64 working copies in `work` (read from `state` on first use)."""
+    if target.rule not in RULES:
+        raise FoldError(
+            f"site {site.name!r}: unknown fold rule {target.rule!r} (this surgery knows "
+            f"{', '.join(RULES)}): re-plan with this version"
+        )
+    for name in target.params.values():
         if name not in work:
             if name not in state:
                 raise FoldError(
                     f"site {site.name!r}: the recipe names {name!r}, which the state_dict lacks"
                 )
             work[name] = state[name].detach().to(torch.float64)
-        return work[name]
-
-    for site in plan.sites:
-        if not site.route.targets:
-            continue  # a probe-only site: its widen map is dropped, nothing was inserted
-        W, c = pair_product(state, site)
-        for target in site.route.targets:
-            tensors = {role: current(name, site) for role, name in target.params.items()}
-            for role, value in RULES[target.rule](target, tensors, W, c).items():
-                name = target.params[role]
-                if value.shape != work[name].shape:
-                    raise FoldError(
-                        f"site {site.name!r}: {target.rule} changed the shape of {name}"
-                    )
-                work[name] = value
-    pair_keys = plan.pair_keys()
-    thin = {k: v for k, v in state.items() if k not in pair_keys}
-    for name, value in work.items():
-        thin[name] = value.to(state[name].dtype)
-    return thin
+    tensors = {role: work[name] for role, name in target.params.items()}
+    try:
+        updates = RULES[target.rule](target, tensors, W, c)
+    except Exception as error:  # noqa: BLE001 - the algebra refusing its inputs means a bad recipe
+        shapes = ", ".join(f"{n} {list(work[n].shape)}" for n in target.params.values())
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FoldError(
+            f"site {site.name!r}: rule {target.rule} does not fit {shapes}: {detail}"
+        ) from None
+    for role, value in updates.items():
+        name = target.params[role]
+        if value.shape != work[name].shape:
+            raise FoldError(f"site {site.name!r}: {target.rule} changed the shape of {name}")
+        work[name] = value
 
 
 def unwrap(model: nn.Module) -> nn.Module:

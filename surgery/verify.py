@@ -138,7 +138,7 @@ def _compare_in(
     if runtime == "torch":
         ref, cand = (_tensors(models[role](*inputs)) for role in ("reference", "candidate"))
         return _compare(ref, cand, runtime, "torch", rtol, atol)
-    protos = {role: _export(m, inputs, role) for role, m in models.items() if m is not None}
+    protos = {role: export_onnx(m, inputs, role) for role, m in models.items() if m is not None}
     ref, provider = _run_onnx(protos["reference"], inputs, "reference")
     cand, _ = _run_onnx(protos["candidate"], inputs, "candidate")
     report = _compare(ref, cand, runtime, provider, rtol, atol)
@@ -152,7 +152,7 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     return [leaf for leaf in _pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
 
 
-def _export(model: nn.Module, inputs: tuple[Any, ...], role: str) -> onnx.ModelProto:
+def export_onnx(model: nn.Module, inputs: tuple[Any, ...], role: str) -> onnx.ModelProto:
     """The model as an in-memory ONNX ModelProto (dynamo exporter, progress prints silenced).
 
     optimize=False: the exporter's optimizer drops all-zero biases and merges equal-valued
