@@ -7,7 +7,18 @@ result.thin                                           # the student's architectu
 """
 
 from .imitation import Imitation, least_squares_start, teacher_site, teacher_widths
-from .loop import Log, Recipe, WinResult, choose_stages, imitate, kd_loss, task_loss, train, win
+from .loop import (
+    Log,
+    Recipe,
+    WinResult,
+    choose_stages,
+    imitate,
+    kd_loss,
+    plan_stages,
+    task_loss,
+    train,
+    win,
+)
 from .sample import sample_from_teacher
 from .widen import widen, widen_uniform
 
@@ -20,6 +31,7 @@ __all__ = [
     "imitate",
     "kd_loss",
     "least_squares_start",
+    "plan_stages",
     "sample_from_teacher",
     "task_loss",
     "teacher_site",

@@ -104,8 +104,15 @@ class _Taps:
             h.remove()
 
 
+LOSSES = (
+    "mse",
+    "nmse",
+    "kl",
+)  # paper's MSE; MSE over the teacher's mean square; KL over the features
+
+
 class Imitation:
-    """WIN imitation loss of a paired student against a frozen teacher (MSE, or KL over the features)."""
+    """WIN imitation loss of a paired student against a frozen teacher (see LOSSES)."""
 
     def __init__(
         self,
@@ -116,8 +123,8 @@ class Imitation:
         mapping: Mapping_ = "same",
         loss: str = "mse",
     ) -> None:
-        if loss not in ("mse", "kl"):
-            raise PlanError(f"loss must be 'mse' or 'kl', got {loss!r}")
+        if loss not in LOSSES:
+            raise PlanError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.paired, self.teacher, self.loss = paired, teacher, loss
         plan = plan_of(paired)
         probed = [s.name for s in plan.sites if s.probe is not None]
@@ -196,6 +203,10 @@ class Imitation:
             )
         if self.loss == "mse":
             return F.mse_loss(student, teacher)
+        if (
+            self.loss == "nmse"
+        ):  # scale-free: the same learning rate works whatever the features' scale
+            return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
         dim = 1 if student.dim() > 2 else -1
         return F.kl_div(
             F.log_softmax(student, dim),

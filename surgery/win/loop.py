@@ -61,9 +61,20 @@ def _wrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _optimizer(model: nn.Module, steps: int, lr: float, momentum: float, weight_decay: float):
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _optimizer(
+    model: nn.Module, steps: int, lr: float, momentum: float, weight_decay: float, kind: str = "sgd"
+):
+    """SGD with momentum (the paper's ResNet recipe) or AdamW (transformers), cosine-decayed to 0."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    elif kind == "adam":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise PlanError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     # cosine decay from lr to 0 within the stage (the paper's schedule for stages 2 and 3)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
@@ -131,12 +142,13 @@ def train(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = task_loss,
     log: Log | None = None,
     stage: str = "train",
+    optimizer: str = "sgd",
 ) -> list[float]:
     """Supervised training (teacher=None: stage 1, the vanilla baseline) or fine-tuning with labels
     plus KD from a frozen teacher's logits (stage 3; kd_weight=1 is the paper's KL-only loss)."""
     net = _wrap(model)
     net.train()
-    opt, sched = _optimizer(net, steps, lr, momentum, weight_decay)
+    opt, sched = _optimizer(net, steps, lr, momentum, weight_decay, optimizer)
     if teacher is not None:
         teacher.eval()
     losses: list[float] = []
@@ -179,6 +191,7 @@ def imitate(
     loss: str = "mse",
     log: Log | None = None,
     seed: int = 0,
+    optimizer: str = "sgd",
 ) -> dict[str, float]:
     """Stage 2: stage by stage (each a chunk of consecutive sites), train the student prefix so that
     each site's probe M1(h) matches the teacher's block output; teacher frozen; cosine lr per stage.
@@ -205,7 +218,7 @@ def imitate(
                 unwrap(paired).load_state_dict(start)
                 _reinitialise(unwrap(paired), blocks[chunk[-1]], seed + attempt)
             tag = f"{name} (restart {attempt})" if restarts else name
-            _imitation_stage(net, objective, data, budget, lr, momentum, log, tag)
+            _imitation_stage(net, objective, data, budget, (lr, momentum, optimizer), log, tag)
             with torch.no_grad():
                 score = _mean_over_ranks(objective(*held_out).item())
             if best is None or score < best[0]:
@@ -220,13 +233,13 @@ def _imitation_stage(
     objective: Imitation,
     data: Iterator[Batch],
     steps: int,
-    lr: float,
-    momentum: float,
+    optim: tuple[float, float, str],
     log: Log | None,
     tag: str,
 ) -> None:
     net.train()
-    opt, sched = _optimizer(net, steps, lr, momentum, 0.0)
+    lr, momentum, kind = optim
+    opt, sched = _optimizer(net, steps, lr, momentum, 0.0, kind)
     with progress_bar(enabled=_main_process()) as progress:
         task = progress.add_task(tag, total=steps)
         for _ in range(steps):
@@ -297,11 +310,12 @@ class Recipe:
     finetune_steps: int = 500
     finetune_lr: float = 0.01
     momentum: float = 0.9
+    optimizer: str = "sgd"  # or "adam" (AdamW), for transformers
     weight_decay: float = 0.0  # the paper uses none in stages 2 and 3
     kd_weight: float = 1.0  # 1: KL to the teacher's logits only (the paper); 0: labels only
     temperature: float = 1.0
     restarts: int = 0
-    loss: str = "mse"
+    loss: str = "mse"  # the paper's; "nmse" divides by the teacher's mean square (scale-free lr)
     mapping: Mapping_ = "same"  # student site -> teacher block: "same", k (1:k), or a dict
     sampled_start: bool = False  # Assumption 3.4: thin layers sampled from the wide ones
     least_squares_start: bool = False  # closed-form M1 before the gradient steps (beyond the paper)
@@ -352,6 +366,32 @@ def choose_stages(
     raise PlanError(f"stages must be 'blocks', 'resolution' or a list of chunks, got {how!r}")
 
 
+def _stage_tables(
+    student: nn.Module, teacher: nn.Module, inputs: tuple[Any, ...], how: Any, mapping: Mapping_
+):
+    table = analyse(capture(student, inputs), inside_blocks=True)
+    t_table = teacher_table(teacher, inputs)
+    stages = choose_stages(table, t_table, how, mapping)
+    if not stages:
+        raise PlanError(
+            "no block of the student has a counterpart in the teacher to imitate; pass recipe.stages and recipe.mapping"
+        )
+    return table, t_table, stages
+
+
+def plan_stages(
+    student: nn.Module,
+    teacher: nn.Module,
+    example_inputs: Any,
+    stages: str | Sequence[Sequence[str]] = "blocks",
+    mapping: Mapping_ = "same",
+) -> list[list[str]]:
+    """The imitation stages `win` would run (see choose_stages)."""
+    return _stage_tables(
+        student, teacher, as_example_inputs(student, example_inputs), stages, mapping
+    )[2]
+
+
 def win(
     student: nn.Module,
     teacher: nn.Module,
@@ -367,13 +407,7 @@ def win(
     student = copy.deepcopy(student)
     if recipe.sampled_start:
         sample_from_teacher(student, teacher, inputs)
-    table = analyse(capture(student, inputs), inside_blocks=True)
-    t_table = teacher_table(teacher, inputs)
-    stages = choose_stages(table, t_table, recipe.stages, recipe.mapping)
-    if not stages:
-        raise PlanError(
-            "no block of the student has a counterpart in the teacher to imitate; pass recipe.stages and recipe.mapping"
-        )
+    table, t_table, stages = _stage_tables(student, teacher, inputs, recipe.stages, recipe.mapping)
     sites = [s for chunk in stages for s in chunk]
     widths = {s: t_table.get(teacher_site(s, recipe.mapping)).width for s in sites}
     foldable = [s for s in sites if table.get(s).foldable]
@@ -395,6 +429,7 @@ def win(
         recipe.imitation_steps,
         lr=recipe.imitation_lr,
         momentum=recipe.momentum,
+        optimizer=recipe.optimizer,
         restarts=recipe.restarts,
         mapping=recipe.mapping,
         loss=recipe.loss,
@@ -403,6 +438,7 @@ def win(
     finetune = dict(
         lr=recipe.finetune_lr,
         momentum=recipe.momentum,
+        optimizer=recipe.optimizer,
         weight_decay=recipe.weight_decay,
         teacher=teacher,
         kd_weight=recipe.kd_weight,
