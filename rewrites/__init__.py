@@ -17,6 +17,7 @@ from . import algebra
 from .attention import PackedAttentionConsumer
 from .batchnorm import BatchNormProducer
 from .embedding import EmbeddingProducer, EmbeddingSumProducer
+from .factor import factor_rule
 from .linear_conv import LayerConsumer, LayerProducer
 
 CONSUMER_RULES = (LayerConsumer(), PackedAttentionConsumer())
@@ -74,4 +75,5 @@ RULES: dict[str, Callable[[Target, Tensors, torch.Tensor, torch.Tensor | None], 
     "output_bias": _output_bias,
     "batchnorm_through": _batchnorm_through,
     "embedding_table": _embedding_table,
+    "factor_product": factor_rule,
 }

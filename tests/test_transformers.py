@@ -148,14 +148,22 @@ def test_timm_vit_folds():
     model = timm_vit()
     x = torch.randn(2, 3, 32, 32)
     table = surgery.find_blocks(model, (x,))
-    assert table.get("blocks.0.norm1").route.absorbed_by == ["blocks.0.attn.qkv.weight"]  # fused qkv
+    assert table.get("blocks.0.norm1").route.absorbed_by == [
+        "blocks.0.attn.qkv.weight"
+    ]  # fused qkv
     assert not table.get("blocks.0").foldable and table.get("blocks.0").probe is not None
     _fold_exact(model, (x,), timm_vit)
 
 
 def torchvision_vit():
     return torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=10,
     ).eval()
 
 
@@ -188,4 +196,6 @@ def test_transformer_encoder_packed_in_proj_folds(batch_first, bias):
     x = torch.randn(2, 5, 8)
     table = surgery.find_blocks(model, (x,))
     assert table.get("enc.layers.0").route.absorbed_by == ["enc.layers.1.self_attn.in_proj_weight"]
-    _fold_exact(model, (x,), lambda: EncoderModel(batch_first), bias=bias, onnx=batch_first and not bias)
+    _fold_exact(
+        model, (x,), lambda: EncoderModel(batch_first), bias=bias, onnx=batch_first and not bias
+    )

@@ -20,7 +20,7 @@ from .loop import (
     win,
 )
 from .sample import sample_from_teacher
-from .widen import widen, widen_uniform
+from .widen import widen
 
 __all__ = [
     "Imitation",
@@ -38,6 +38,5 @@ __all__ = [
     "teacher_widths",
     "train",
     "widen",
-    "widen_uniform",
     "win",
 ]
