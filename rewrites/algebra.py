@@ -21,15 +21,17 @@ def absorb_input(
 ) -> torch.Tensor:
     """A' = A (I ⊗ W ⊗ I) on the input dim `axis`: a layer reading W h now reads h.
 
-    Exact for Linear, Conv (groups=1, any kernel/stride/dilation/zero padding: zeros map to zeros)."""
+    Exact for Linear, Conv (groups=1, any kernel/stride/dilation/zero padding: zeros map to zeros).
+    W may be rectangular [d, e] (one factor of a pair): the dim then holds outer*e*inner features."""
     split = _split_feature(weight, axis, outer, inner).transpose(-1, -2)  # [..., outer, inner, d]
     if split.shape[-1] != W.shape[0]:
         raise ValueError(
             f"dim {axis} holds {split.shape[-1]} features per block, W maps {W.shape[0]}"
         )
     # one matrix product over all rows (a batch of vector-matrix products would re-read W per row)
-    mixed = (split.reshape(-1, W.shape[0]) @ W).reshape(split.shape).transpose(-1, -2)
-    return mixed.reshape(weight.movedim(axis, -1).shape).movedim(-1, axis)
+    mixed = (split.reshape(-1, W.shape[0]) @ W).reshape(*split.shape[:-1], W.shape[1])
+    mixed = mixed.transpose(-1, -2)  # [..., outer, e, inner]
+    return mixed.reshape(*mixed.shape[:-3], -1).movedim(-1, axis)
 
 
 def absorb_input_bias(
@@ -52,9 +54,9 @@ def absorb_input_bias(
 
 
 def absorb_output(weight: torch.Tensor, W: torch.Tensor, axis: int) -> torch.Tensor:
-    """A' = W A on the output dim `axis`: a layer's output is mixed by W."""
+    """A' = W A on the output dim `axis`: a layer's output is mixed by W (W may be rectangular)."""
     moved = weight.movedim(axis, 0)
-    mixed = (W @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape)
+    mixed = (W @ moved.reshape(moved.shape[0], -1)).reshape(W.shape[0], *moved.shape[1:])
     return mixed.movedim(0, axis)
 
 

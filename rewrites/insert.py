@@ -17,6 +17,8 @@ from torch import nn
 from surgery.pairs import Pair, PairDict
 from surgery.plan import Placement, Plan
 
+from .merged import MergedLayer, mergeable_kind
+
 
 @dataclass
 class _Action:
@@ -24,9 +26,12 @@ class _Action:
     placement: Placement
     apply: bool  # run M2 M1 on the tensor
     record: bool  # store the probe M1(h)
+    merged_into: MergedLayer | None = None  # the layer whose weights take this pair when pre-merged
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         p = self.placement
+        if self.merged_into is not None and self.merged_into.active():
+            return x  # the layer runs with this pair merged into its weights
         if self.apply:
             return self.pair(x, p.axis, p.inner, add_bias=p.bias, record=self.record)
         if self.record:
@@ -104,6 +109,32 @@ def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
             module.register_forward_pre_hook(InputPairs(actions), with_kwargs=True)
         else:
             module.register_forward_hook(OutputPairs(actions, path))
+    for path in {path for path, _ in hooks}:
+        _install_merged_forward(
+            model.get_submodule(path),
+            hooks.get((path, "input"), []),
+            hooks.get((path, "output"), []),
+        )
+
+
+def _install_merged_forward(
+    module: nn.Module, inputs: list[_Action], outputs: list[_Action]
+) -> None:
+    """Let a Linear/Conv/Embedding that absorbs pairs run them pre-merged (see rewrites.merged)."""
+    kind = mergeable_kind(module)
+    applied = [a for a in inputs + outputs if a.apply]
+    if kind is None or not applied:
+        return
+    merged = MergedLayer(
+        module,
+        kind,
+        [a for a in inputs if a.apply],
+        [a for a in outputs if a.apply],
+        [a for a in inputs + outputs if not a.apply],
+    )
+    for action in applied:
+        action.merged_into = merged
+    module.forward = merged  # an instance attribute: nn.Module.__call__ finds it before the class's
 
 
 def detach(model: nn.Module) -> None:
@@ -115,6 +146,8 @@ def detach(model: nn.Module) -> None:
             ]:
                 del hooks[key]
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
+        if isinstance(module.__dict__.get("forward"), MergedLayer):
+            del module.__dict__["forward"]
     if "pairs" in model._modules:
         del model._modules["pairs"]
     model.__dict__.pop("plan", None)

@@ -21,7 +21,7 @@ from .kernel_distance import (
     optimal_connectivity,
 )
 from .paired import apply_plan, insert_pairs, plan_pairs
-from .pairs import Pair, probe
+from .pairs import Pair, premerged, probe, set_premerged
 from .plan import Plan
 from .sources import Source
 from .sparsity import (
@@ -76,11 +76,13 @@ __all__ = [
     "open_checkpoint",
     "optimal_connectivity",
     "plan_pairs",
+    "premerged",
     "probe",
     "remove_masks",
     "resize",
     "save",
     "scale_invariant",
+    "set_premerged",
     "smooth_hinge_loss",
     "sparsify_wide",
     "trainable_parameters",

@@ -41,6 +41,9 @@ class Pair(nn.Module):
         # a probe-only site reads M1(h) and inserts nothing, so it has no narrow map
         self.narrow = nn.Linear(D, d, bias=bias, device=device, dtype=dtype) if narrow else None
         self.recording = False
+        self.premerged = (
+            False  # see surgery.premerged: run merged into the absorbing layers' weights
+        )
         self.probe: torch.Tensor | None = None
 
     @property
@@ -73,6 +76,16 @@ class Pair(nn.Module):
         if self.recording:
             wide = self.widen(h.movedim(axis, -1))
             self.probe = wide.movedim(-1, axis)
+
+    def mixing(self) -> torch.Tensor:
+        """W = M2 M1, differentiable, in the pair's dtype."""
+        return self.narrow.weight @ self.widen.weight
+
+    def shift(self) -> torch.Tensor | None:
+        """c = M2 b1 + b2 (None for a pair without biases), differentiable."""
+        if self.widen.bias is None:
+            return None
+        return self.narrow.weight @ self.widen.bias + self.narrow.bias
 
     @torch.no_grad()
     def product(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -180,6 +193,37 @@ class Probes:
 
     def items(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, self[n]) for n in self.names]
+
+
+def set_premerged(paired: nn.Module, enabled: bool = True) -> None:
+    """Pre-merged training mode on or off: every pair absorbed by a Linear/Conv/Embedding is merged
+    into that layer's weights on the fly each forward (the step costs what the thin model's costs);
+    results equal the plain paired forward to float rounding, gradients still reach M1 and M2."""
+    for pair in _pairs_of(paired).values():
+        pair.premerged = enabled
+
+
+@contextlib.contextmanager
+def premerged(paired: nn.Module) -> Iterator[nn.Module]:
+    """`with surgery.premerged(paired):` train in pre-merged mode inside the block."""
+    before = {name: pair.premerged for name, pair in _pairs_of(paired).items()}
+    set_premerged(paired, True)
+    try:
+        yield paired
+    finally:
+        for name, pair in _pairs_of(paired).items():
+            pair.premerged = before[name]
+
+
+def _pairs_of(paired: nn.Module) -> PairDict:
+    from .fold import unwrap
+
+    pairs = getattr(unwrap(paired), "pairs", None)
+    if not isinstance(pairs, PairDict):
+        raise TypeError(
+            f"{type(paired).__name__} is not a paired model: pass the result of surgery.insert_pairs"
+        )
+    return pairs
 
 
 @contextlib.contextmanager

@@ -1,0 +1,110 @@
+"""Pre-merged training mode: the same function and gradients as the plain paired forward, at the
+cost of the thin model plus one small product per pair."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from conftest import max_rel_error, randomise_batchnorm
+
+import surgery
+
+transformers = pytest.importorskip("transformers")
+
+
+def _out(o):
+    return o.logits if hasattr(o, "logits") else getattr(o, "last_hidden_state", o)
+
+
+def _models():
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    gpt = transformers.GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=1000,
+        use_cache=False,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    llama = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        use_cache=False,
+    )
+    return [
+        (
+            "resnet18",
+            randomise_batchnorm(torchvision.models.resnet18(num_classes=10)).eval(),
+            (torch.randn(2, 3, 32, 32),),
+            {},
+        ),
+        (
+            "gpt2+bias",
+            transformers.GPT2LMHeadModel(gpt).eval(),
+            (ids,),
+            {"bias": True, "sites": "auto"},
+        ),
+        ("llama", transformers.LlamaForCausalLM(llama).eval(), (ids,), {}),
+    ]
+
+
+@pytest.mark.parametrize("name,model,inputs,kwargs", _models(), ids=[m[0] for m in _models()])
+def test_premerged_matches_plain_forward_and_gradients(name, model, inputs, kwargs):
+    torch.manual_seed(0)
+    # eval mode: dropout masks and batch statistics would differ between two forwards
+    paired = surgery.insert_pairs(model, inputs, init="random", **kwargs).eval()
+    twin = copy.deepcopy(paired)
+    merged_layers = [m for m in twin.modules() if "forward" in m.__dict__]
+    assert merged_layers, "no layer can merge its pairs"
+    plain = _out(paired(*inputs))
+    with surgery.premerged(twin):
+        merged = _out(twin(*inputs))
+    assert max_rel_error(plain, merged) <= 1e-5
+    plain.pow(2).mean().backward()
+    merged.pow(2).mean().backward()
+    grads = {n: p.grad for n, p in paired.named_parameters() if p.grad is not None}
+    for n, p in twin.named_parameters():
+        if n in grads:
+            assert max_rel_error(grads[n], p.grad) <= 1e-4, n
+    assert all(p.pairs[s].widen.weight.grad.abs().sum() > 0 for p in [twin] for s in p.pairs)
+
+
+def test_premerged_training_then_fold_is_exact_and_probes_still_record():
+    torch.manual_seed(1)
+    model = randomise_batchnorm(torchvision.models.resnet18(num_classes=10))
+    x = torch.randn(4, 3, 32, 32)
+    paired = surgery.insert_pairs(
+        model, (x,), init="random", sites=["layer1", "layer2", "layer4"]
+    ).train()
+    opt = torch.optim.SGD(paired.parameters(), lr=0.01)
+    with surgery.premerged(paired):
+        for _ in range(3):
+            loss = paired(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        paired.eval()
+        with torch.no_grad(), surgery.probe(paired, ["layer2"]) as probes:
+            paired(x)
+            merged_probe = probes["layer2"].clone()
+    assert not any(pair.premerged for pair in paired.pairs.values())  # restored on exit
+    with torch.no_grad(), surgery.probe(paired, ["layer2"]) as probes:
+        paired(x)
+        assert max_rel_error(probes["layer2"], merged_probe) <= 1e-5
+        thin = surgery.fold(paired)
+        assert max_rel_error(paired(x), thin(x)) <= 1e-5
+    assert not any("forward" in m.__dict__ for m in thin.modules())
+
+
+def test_set_premerged_needs_a_paired_model():
+    with pytest.raises(TypeError, match="not a paired model"):
+        surgery.set_premerged(torchvision.models.resnet18())
