@@ -8,16 +8,17 @@ pair runs at the producer's output. The probe M1(h) is read where h itself is vi
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from surgery.pairs import Pair, PairDict
+from surgery.pairs import PREMERGE_POLICIES, Pair, PairDict
 from surgery.plan import Placement, Plan
 
-from .merged import MergedLayer, mergeable_kind
+from .merged import MergedLayer, MixingCache, mergeable_kind
 
 
 @dataclass
@@ -26,17 +27,36 @@ class _Action:
     placement: Placement
     apply: bool  # run M2 M1 on the tensor
     record: bool  # store the probe M1(h)
+    cache: MixingCache
     merged_into: MergedLayer | None = None  # the layer whose weights take this pair when pre-merged
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         p = self.placement
-        if self.merged_into is not None and self.merged_into.active():
+        if self._merged(x):
             return x  # the layer runs with this pair merged into its weights
         if self.apply:
-            return self.pair(x, p.axis, p.inner, add_bias=p.bias, record=self.record)
+            mixing = self.cache.mixing(self.pair) if self._product_pays(x) else None
+            return self.pair(x, p.axis, p.inner, add_bias=p.bias, record=self.record, mixing=mixing)
         if self.record:
             self.pair.record(x, p.axis)
         return x
+
+    def _product_pays(self, x: torch.Tensor) -> bool:
+        """Pre-merged and not recording: map x by W = M2 M1 (d d per vector, plus forming W once)
+        when that beats the two maps (2 d D per vector)."""
+        pair = self.pair
+        if pair.premerged not in PREMERGE_POLICIES or (self.record and pair.recording):
+            return False
+        d, D = pair.d, pair.D
+        vectors = x.numel() / d
+        return pair.premerged == "always" or vectors * d * d + d * D * d < vectors * 2 * d * D
+
+    def _merged(self, x: torch.Tensor) -> bool:
+        if self.merged_into is None:
+            return False
+        if self.placement.where == "input":  # x is (the shape of) the layer's input
+            return self.merged_into.active(x)
+        return self.merged_into.current  # the choice the layer's forward just made
 
 
 class InputPairs:
@@ -89,6 +109,7 @@ def _same_place(a: Placement, b: Placement) -> bool:
 def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
     """Register `pairs` on `model` (as `model.pairs`) and the hooks that run them per `plan`."""
     model.add_module("pairs", pairs)
+    cache = MixingCache()
     hooks: dict[tuple[str, str], list[_Action]] = {}
     for site in plan.sites:
         pair = pairs[site.name]
@@ -97,11 +118,11 @@ def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
             record = site.probe is not None and _same_place(placement, site.probe)
             probe_seen |= record
             hooks.setdefault((placement.module, placement.where), []).append(
-                _Action(pair, placement, True, record)
+                _Action(pair, placement, True, record, cache)
             )
         if site.probe is not None and not probe_seen:
             hooks.setdefault((site.probe.module, site.probe.where), []).append(
-                _Action(pair, site.probe, False, True)
+                _Action(pair, site.probe, False, True, cache)
             )
     for (path, where), actions in hooks.items():
         module = model.get_submodule(path)
@@ -109,45 +130,63 @@ def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
             module.register_forward_pre_hook(InputPairs(actions), with_kwargs=True)
         else:
             module.register_forward_hook(OutputPairs(actions, path))
-    for path in {path for path, _ in hooks}:
+    model.register_forward_pre_hook(cache.open)
+    model.register_forward_hook(cache.close, always_call=True)
+    merged = [
         _install_merged_forward(
             model.get_submodule(path),
             hooks.get((path, "input"), []),
             hooks.get((path, "output"), []),
+            cache,
         )
+        for path in {path for path, _ in hooks}
+    ]
+    sharing = Counter(
+        pair for layer in merged if layer is not None for pair in layer.merged_pairs()
+    )
+    for layer in merged:
+        if layer is not None:
+            layer.sharing = sharing
 
 
 def _install_merged_forward(
-    module: nn.Module, inputs: list[_Action], outputs: list[_Action]
-) -> None:
+    module: nn.Module, inputs: list[_Action], outputs: list[_Action], cache: MixingCache
+) -> MergedLayer | None:
     """Let a Linear/Conv/Embedding that absorbs pairs run them pre-merged (see rewrites.merged)."""
     kind = mergeable_kind(module)
     applied = [a for a in inputs + outputs if a.apply]
     if kind is None or not applied:
-        return
+        return None
     merged = MergedLayer(
         module,
         kind,
         [a for a in inputs if a.apply],
         [a for a in outputs if a.apply],
         [a for a in inputs + outputs if not a.apply],
+        cache,
     )
     for action in applied:
         action.merged_into = merged
     module.forward = merged  # an instance attribute: nn.Module.__call__ finds it before the class's
+    return merged
 
 
 def detach(model: nn.Module) -> None:
     """Remove the pairs and their hooks from `model` in place (the thin skeleton is left)."""
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [
-                k for k, hook in hooks.items() if isinstance(hook, (InputPairs, OutputPairs))
-            ]:
+            for key in [k for k, hook in hooks.items() if _ours(hook)]:
                 del hooks[key]
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
         if isinstance(module.__dict__.get("forward"), MergedLayer):
             del module.__dict__["forward"]
     if "pairs" in model._modules:
         del model._modules["pairs"]
     model.__dict__.pop("plan", None)
+
+
+def _ours(hook: Any) -> bool:
+    return isinstance(hook, (InputPairs, OutputPairs)) or isinstance(
+        getattr(hook, "__self__", None), MixingCache
+    )

@@ -21,11 +21,30 @@ def _to_last(x: torch.Tensor, axis: int, d: int, inner: int) -> torch.Tensor:
     return x.unflatten(axis, (-1, d, inner)).movedim(axis + 1, -1)
 
 
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear map on dim 1 of an N x C x ... tensor, as a 1x1 convolution: no transposed copies."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    return conv(x, weight.view(*weight.shape, *[1] * (x.dim() - 2)), bias)
+
+
 def _from_last(y: torch.Tensor, axis: int, inner: int, like: torch.Size) -> torch.Tensor:
     """Inverse of _to_last (the last dim may now have another size, e.g. D for the probe)."""
     if inner == 1 and len(like) == y.dim():
         return y.movedim(-1, axis)
     return y.movedim(-1, axis + 1).flatten(axis, axis + 2)
+
+
+def same_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`x` with the strides of `like` (same shape): a pair must not change the layout the model's own
+    layers see (a channels-last activation, or a 1x1 conv weight with channels-last strides, makes
+    the rest of a CNN run channels-last; a non-contiguous one breaks a later .view())."""
+    if x.stride() == like.stride():
+        return x
+    return torch.empty_like(like, dtype=x.dtype, device=x.device).copy_(x)  # differentiable
+
+
+# surgery.set_premerged policies (see there); a Pair's `premerged` is False or one of these
+PREMERGE_POLICIES = ("auto", "always")
 
 
 class Pair(nn.Module):
@@ -41,9 +60,7 @@ class Pair(nn.Module):
         # a probe-only site reads M1(h) and inserts nothing, so it has no narrow map
         self.narrow = nn.Linear(D, d, bias=bias, device=device, dtype=dtype) if narrow else None
         self.recording = False
-        self.premerged = (
-            False  # see surgery.premerged: run merged into the absorbing layers' weights
-        )
+        self.premerged: bool | str = False  # or a policy: see surgery.set_premerged
         self.probe: torch.Tensor | None = None
 
     @property
@@ -62,14 +79,23 @@ class Pair(nn.Module):
         *,
         add_bias: bool = True,
         record: bool = False,
+        mixing: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """M2(M1(h)) on `axis` (features possibly interleaved: index = (o*d + c)*inner + j)."""
-        x = _to_last(h, axis % h.dim(), self.d, inner)
-        wide = F.linear(x, self.widen.weight, self.widen.bias if add_bias else None)
-        if record and self.recording:
-            self.probe = _from_last(wide, axis % h.dim(), inner, h.shape)
-        y = F.linear(wide, self.narrow.weight, self.narrow.bias if add_bias else None)
-        return _from_last(y, axis % h.dim(), inner, h.shape)
+        """M2(M1(h)) on `axis` (features possibly interleaved: index = (o*d + c)*inner + j); given
+        `mixing` (W = M2 M1, formed once for the whole batch), W h + c in one map and no probe."""
+        axis = axis % h.dim()
+        if mixing is not None:
+            maps = [(mixing, self.shift() if add_bias else None)]
+        else:
+            maps = [(m.weight, m.bias if add_bias else None) for m in (self.widen, self.narrow)]
+        record = record and self.recording and mixing is None
+        channels_first = axis == 1 and inner == 1 and 3 <= h.dim() <= 5 and h.shape[1] == self.d
+        x = h if channels_first else _to_last(h, axis, self.d, inner)
+        for i, (weight, bias) in enumerate(maps):
+            x = _pointwise(x, weight, bias) if channels_first else F.linear(x, weight, bias)
+            if i == 0 and record:
+                self.probe = x if channels_first else _from_last(x, axis, inner, h.shape)
+        return same_layout(x if channels_first else _from_last(x, axis, inner, h.shape), h)
 
     def record(self, h: torch.Tensor, axis: int) -> None:
         """Store the probe M1(h) without running the narrow map (a probe-only read)."""
@@ -195,19 +221,29 @@ class Probes:
         return [(n, self[n]) for n in self.names]
 
 
-def set_premerged(paired: nn.Module, enabled: bool = True) -> None:
-    """Pre-merged training mode on or off: every pair absorbed by a Linear/Conv/Embedding is merged
-    into that layer's weights on the fly each forward (the step costs what the thin model's costs);
-    results equal the plain paired forward to float rounding, gradients still reach M1 and M2."""
+def set_premerged(paired: nn.Module, enabled: bool | str = True) -> None:
+    """Pre-merged training mode: each layer (Linear/Conv/Embedding) that absorbs pairs runs with them
+    merged into its weights on the fly, so a step's per-sample cost is the thin model's; results equal
+    the plain paired forward to float rounding and gradients still reach M1 and M2.
+
+    enabled: True or "auto" (merge a layer when that costs fewer multiply-adds than running its pairs
+    on the batch; a classifier head after pooling keeps its pairs on the activations), "always"
+    (merge every such layer), or False (off)."""
+    policy = "auto" if enabled is True else enabled
+    if policy is not False and policy not in PREMERGE_POLICIES:
+        raise ValueError(
+            f"premerged mode must be True, False, or one of {PREMERGE_POLICIES}, got {enabled!r}"
+        )
     for pair in _pairs_of(paired).values():
-        pair.premerged = enabled
+        pair.premerged = policy
 
 
 @contextlib.contextmanager
-def premerged(paired: nn.Module) -> Iterator[nn.Module]:
-    """`with surgery.premerged(paired):` train in pre-merged mode inside the block."""
+def premerged(paired: nn.Module, policy: bool | str = "auto") -> Iterator[nn.Module]:
+    """`with surgery.premerged(paired):` train in pre-merged mode inside the block (see set_premerged
+    for `policy`); the previous mode is restored on exit."""
     before = {name: pair.premerged for name, pair in _pairs_of(paired).items()}
-    set_premerged(paired, True)
+    set_premerged(paired, policy)
     try:
         yield paired
     finally:

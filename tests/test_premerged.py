@@ -66,7 +66,7 @@ def test_premerged_matches_plain_forward_and_gradients(name, model, inputs, kwar
     merged_layers = [m for m in twin.modules() if "forward" in m.__dict__]
     assert merged_layers, "no layer can merge its pairs"
     plain = _out(paired(*inputs))
-    with surgery.premerged(twin):
+    with surgery.premerged(twin, "always"):
         merged = _out(twin(*inputs))
     assert max_rel_error(plain, merged) <= 1e-5
     plain.pow(2).mean().backward()
@@ -108,3 +108,70 @@ def test_premerged_training_then_fold_is_exact_and_probes_still_record():
 def test_set_premerged_needs_a_paired_model():
     with pytest.raises(TypeError, match="not a paired model"):
         surgery.set_premerged(torchvision.models.resnet18())
+
+
+def _mlp_paired(width: int = 64) -> torch.nn.Module:
+    torch.manual_seed(2)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU()
+    )
+    return surgery.insert_pairs(mlp, (torch.randn(2, 8),), init="random", sites=["1"])
+
+
+@pytest.mark.parametrize("batch,merges", [(2, False), (4096, True)])
+def test_auto_policy_merges_only_where_it_pays_and_matches_plain(batch, merges):
+    # the pair on the ReLU output folds into the next Linear (64 x 64): merging costs ~64*128*64
+    # multiply-adds whatever the batch, running the pair 2*64*128 per row
+    paired = _mlp_paired()
+    consumer = paired[2]
+    x = torch.randn(batch, 8)
+    plain = paired(x)
+    with surgery.premerged(paired):  # policy "auto"
+        merged = paired(x)
+        assert consumer.forward.current is merges
+    assert max_rel_error(plain, merged) <= 1e-5
+
+
+def test_the_product_is_formed_once_per_forward_and_shared_by_q_k_v(monkeypatch):
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    ids = torch.randint(0, 1000, (2, 8))
+    paired = surgery.insert_pairs(transformers.BertModel(config).eval(), (ids,), init="random")
+    calls = []
+    original = surgery.Pair.mixing
+    monkeypatch.setattr(surgery.Pair, "mixing", lambda self: calls.append(self) or original(self))
+    plain = paired(ids).last_hidden_state
+    with surgery.premerged(paired, "always"):
+        merged = paired(ids).last_hidden_state
+        assert calls and len(calls) == len(set(map(id, calls)))  # one W per pair per forward
+        calls.clear()
+        paired(ids)
+        assert len(calls) == len(set(map(id, calls)))  # a new forward forms new products
+    assert max_rel_error(plain, merged) <= 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pairs_keep_the_activation_layout(channels_last):
+    # a pair must not switch a CNN to channels-last (or back): every later layer would see new strides
+    torch.manual_seed(3)
+    model = randomise_batchnorm(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    if channels_last:
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.to(memory_format=torch.channels_last),
+        )
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    paired = surgery.insert_pairs(model, (x,), init="random")
+    seen = []
+    for module in paired.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_pre_hook(
+                lambda m, a: seen.append(a[0].is_contiguous(memory_format=layout))
+            )
+    for policy in (False, "always"):
+        seen.clear()
+        surgery.set_premerged(paired, policy)
+        paired(x)
+        assert seen and all(seen), policy
