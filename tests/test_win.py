@@ -3,6 +3,7 @@ comes back; the teacher builders, the sampled start, the closed-form start, and 
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,26 @@ def test_stage2_under_torchrun_keeps_ranks_identical(tmp_path):
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
     assert ranks[0]["finals"] == ranks[1]["finals"]
+
+
+@pytest.mark.parametrize("policy", ["always", "auto"])
+def test_training_in_premerged_mode_follows_the_plain_trajectory(policy):
+    # the same paired MLP trained a few SGD steps with pairs merged and with pairs on the activations
+    torch.manual_seed(5)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(6, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 3),
+    )
+    x = torch.randn(64, 6)
+    batches = [(x, torch.randint(0, 3, (64,)))]
+    paired = surgery.insert_pairs(mlp, (x,), init="random")
+    twin = copy.deepcopy(paired)
+    plain = win.train(paired, batches, 5, lr=0.05, premerged=False)
+    merged = win.train(twin, batches, 5, lr=0.05, premerged=policy)
+    assert max(abs(a - b) for a, b in zip(plain, merged, strict=True)) <= 1e-5
+    assert not any(pair.premerged for pair in twin.pairs.values())  # the mode ends with the loop
+    for (name, p), q in zip(paired.named_parameters(), twin.parameters(), strict=True):
+        assert max_rel_error(p, q) <= 1e-5, name

@@ -4,6 +4,7 @@ model is wrapped in DistributedDataParallel when a process group is initialised,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,6 +21,8 @@ from surgery.capture import as_example_inputs, capture
 from surgery.errors import PlanError
 from surgery.fold import fold, strip_pairs, unwrap
 from surgery.paired import insert_pairs
+from surgery.pairs import PairDict
+from surgery.pairs import premerged as premerged_mode
 from surgery.report import progress_bar
 
 from .imitation import Imitation, Mapping_, least_squares_start, teacher_site, teacher_table
@@ -143,9 +146,11 @@ def train(
     log: Log | None = None,
     stage: str = "train",
     optimizer: str = "sgd",
+    premerged: bool | str = "auto",
 ) -> list[float]:
     """Supervised training (teacher=None: stage 1, the vanilla baseline) or fine-tuning with labels
-    plus KD from a frozen teacher's logits (stage 3; kd_weight=1 is the paper's KL-only loss)."""
+    plus KD from a frozen teacher's logits (stage 3; kd_weight=1 is the paper's KL-only loss).
+    A paired model trains in pre-merged mode with this policy (surgery.set_premerged; False: off)."""
     net = _wrap(model)
     net.train()
     opt, sched = _optimizer(net, steps, lr, momentum, weight_decay, optimizer)
@@ -153,7 +158,7 @@ def train(
         teacher.eval()
     losses: list[float] = []
     data = _cycle(batches)
-    with progress_bar(enabled=_main_process()) as progress:
+    with _pair_mode(model, premerged), progress_bar(enabled=_main_process()) as progress:
         task = progress.add_task(stage, total=steps)
         for _ in range(steps):
             x, y = next(data)
@@ -192,11 +197,13 @@ def imitate(
     log: Log | None = None,
     seed: int = 0,
     optimizer: str = "sgd",
+    premerged: bool | str = "auto",
 ) -> dict[str, float]:
     """Stage 2: stage by stage (each a chunk of consecutive sites), train the student prefix so that
     each site's probe M1(h) matches the teacher's block output; teacher frozen; cosine lr per stage.
     With restarts, the newest block is re-initialised and the run that mimics best is kept.
-    Returns the final held-out imitation loss per stage."""
+    The sites being imitated run their pairs plain (their probes need M1(h)); the others run in
+    pre-merged mode with this policy (False: off). Returns the final held-out imitation loss per stage."""
     per_stage = [steps] * len(stages) if isinstance(steps, int) else list(steps)
     if len(per_stage) != len(stages):
         raise PlanError(f"{len(per_stage)} step budgets for {len(stages)} stages")
@@ -218,7 +225,8 @@ def imitate(
                 unwrap(paired).load_state_dict(start)
                 _reinitialise(unwrap(paired), blocks[chunk[-1]], seed + attempt)
             tag = f"{name} (restart {attempt})" if restarts else name
-            _imitation_stage(net, objective, data, budget, (lr, momentum, optimizer), log, tag)
+            with _pair_mode(paired, premerged):
+                _imitation_stage(net, objective, data, budget, (lr, momentum, optimizer), log, tag)
             with torch.no_grad():
                 score = _mean_over_ranks(objective(*held_out).item())
             if best is None or score < best[0]:
@@ -252,6 +260,13 @@ def _imitation_stage(
             if log is not None:
                 log.add(tag, loss.item())
             progress.update(task, advance=1, description=f"{tag} (loss {loss.item():.4f})")
+
+
+def _pair_mode(model: nn.Module, policy: bool | str) -> contextlib.AbstractContextManager:
+    """Pre-merged mode for a paired model; nothing for any other (a teacher, a folded student)."""
+    if policy is False or not isinstance(getattr(unwrap(model), "pairs", None), PairDict):
+        return contextlib.nullcontext()
+    return premerged_mode(model, policy)
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -320,6 +335,7 @@ class Recipe:
     sampled_start: bool = False  # Assumption 3.4: thin layers sampled from the wide ones
     least_squares_start: bool = False  # closed-form M1 before the gradient steps (beyond the paper)
     merge: str = "after_finetune"  # or "after_imitation" (fold, then fine-tune the thin model)
+    premerged: bool | str = "auto"  # train the paired model with merged pairs (surgery.premerged)
 
 
 @dataclass
@@ -434,6 +450,7 @@ def win(
         mapping=recipe.mapping,
         loss=recipe.loss,
         log=log,
+        premerged=recipe.premerged,
     )
     finetune = dict(
         lr=recipe.finetune_lr,
@@ -445,6 +462,7 @@ def win(
         temperature=recipe.temperature,
         log=log,
         stage="fine-tune",
+        premerged=recipe.premerged,
     )
     if recipe.merge == "after_imitation":
         thin = fold(paired.eval())
