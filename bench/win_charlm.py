@@ -106,6 +106,7 @@ def main() -> None:
         stages="blocks",
         imitation_fraction=0.2,
         sampled_start=False,  # no head-aware sampling rule for attention yet: WIN starts from random
+        lower_is_better=True,
     )
     print(
         run(
