@@ -30,6 +30,8 @@ from . import algebra
 
 # (weight input dim, weight output dim) per mergeable layer kind
 _AXES = {"linear": (1, 0), "conv1d_hf": (0, 1), "conv": (1, 0), "embedding": (None, 1)}
+# the feature dim of the layer's input activations
+_FEATURE_DIM = {"linear": -1, "conv1d_hf": -1, "conv": 1}
 
 
 def mergeable_kind(module: nn.Module) -> str | None:
@@ -88,9 +90,8 @@ class MergedLayer:
         self.module, self.kind, self.cache = module, kind, cache
         self.inputs, self.outputs = inputs, outputs  # _Action lists (consumer side, producer side)
         self.pairs = [a.pair for a in inputs + outputs + probes]
-        self.sharing: dict[
-            Any, int
-        ] = {}  # pair -> layers it is merged into (set by the insert pass)
+        # pair -> how many layers it is merged into (set by the insert pass)
+        self.sharing: dict[Any, int] = {}
         self.current = False  # the choice made for the call in progress (read by output hooks)
 
     def merged_pairs(self) -> set[Any]:
@@ -118,25 +119,19 @@ class MergedLayer:
         cost = sum(2 * a.pair.D * x.numel() for a in self.inputs)  # x.numel() / d vectors
         if not self.outputs:
             return cost
-        rows = x.numel() if self.kind == "embedding" else x.numel() / x.shape[self._feature_dim]
+        rows = (
+            x.numel() if self.kind == "embedding" else x.numel() / x.shape[_FEATURE_DIM[self.kind]]
+        )
         if self.kind == "conv":
             rows /= math.prod(self.module.stride)  # output positions, near enough
         out_features = self.module.weight.shape[_AXES[self.kind][1]]
         return cost + sum(2 * a.pair.D * rows * out_features for a in self.outputs)
 
-    @property
-    def _feature_dim(self) -> int:
-        return 1 if self.kind == "conv" else -1
-
     def merge_cost(self) -> float:
-        """Multiply-adds of merging the pairs into the weight (the cheaper order, see _factor_first)."""
-        total = 0.0
-        for action in self.inputs + self.outputs:
-            d, D = action.pair.d, action.pair.D
-            m = self.module.weight.numel() / d
-            share = self.sharing.get(action.pair, 1)
-            total += min(2 * m * D * d, d * D * d / share + m * d * d)
-        return total
+        """Multiply-adds of merging the pairs into the weight, each in its cheaper order."""
+        return sum(
+            min(self._orders(self.module.weight, a.pair)) for a in self.inputs + self.outputs
+        )
 
     def merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's weight and bias with its pairs folded in (differentiable)."""
@@ -171,11 +166,15 @@ class MergedLayer:
         return same_layout(weight, self.module.weight), bias
 
     def _factor_first(self, weight: torch.Tensor, pair: Any) -> bool:
-        """Whether multiplying the layer's m rows by M2 then M1 (2 m D d) costs less than its share
-        of forming W = M2 M1 (d D d over the layers that take W) plus applying it (m d d)."""
+        factored, product = self._orders(weight, pair)
+        return factored < product
+
+    def _orders(self, weight: torch.Tensor, pair: Any) -> tuple[float, float]:
+        """Multiply-adds of absorbing `pair` into the layer's m = weight.numel() / d rows: by M2 then
+        M1 (2 m D d), or by W = M2 M1 (this layer's share of forming W, d D d, plus m d d)."""
         d, D = pair.d, pair.D
-        m = weight.numel() // d
-        return 2 * m * D * d < d * D * d / self.sharing.get(pair, 1) + m * d * d
+        m = weight.numel() / d
+        return 2 * m * D * d, d * D * d / self.sharing.get(pair, 1) + m * d * d
 
 
 def _output_bias(bias: torch.Tensor | None, pair: Any, c: torch.Tensor | None) -> torch.Tensor:
