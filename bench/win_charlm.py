@@ -2,8 +2,8 @@
 deep thin GPT-2-style student (pre-LN: the block outputs are probe-only sites) against a 2x wider
 teacher. Compares thin-vanilla, thin-KD and thin-WIN at equal student steps; metric: test bits/char.
 
-    python bench/win_charlm.py            # 3 seeds, the default size (~10 min on 2 CPU cores)
-    python bench/win_charlm.py --quick    # 2 seeds, short runs
+    python bench/win_charlm.py            # 3 seeds, the default size (~45 min on 2 CPU cores)
+    python bench/win_charlm.py --quick    # 2 seeds, 300 steps (~6 min)
 """
 
 from __future__ import annotations
