@@ -41,6 +41,11 @@ __all__ = [
     "machine",
     "set_threads",
     "step_flops",
+    "resnet50_style",
+    "arguments",
+    "report",
+    "measure_each",
+    "Times",
 ]
 
 Times = dict[str, list[float]]

@@ -16,6 +16,7 @@ the WIN paper's thin students) and BERT-style encoders (Hugging Face BertModel, 
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from collections.abc import Callable
@@ -27,16 +28,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from perf_common import (  # noqa: E402
+    Times,
     arguments,
     bert,
     interleave,
     machine,
     main_output,
+    median,
     ratio,
     ratio_cell,
     report,
     resnet50_style,
     set_threads,
+    step_flops,
 )
 
 import surgery  # noqa: E402
@@ -104,38 +108,30 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: tuple) -> 
 
 def flop_ratios(config: Config) -> tuple[float, float, float]:
     """(thin GFLOP per step, plain ratio, premerged ratio), counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
         thin = config.build().train()
     inputs = tuple(x.to("meta") for x in config.inputs())
     paired = surgery.insert_pairs(thin, tuple(x[:2] for x in inputs), init="random").train()
-
-    def count(model: nn.Module) -> float:
-        with FlopCounterMode(display=False) as counter:
-            _loss(model(*inputs)).backward()
-        return float(counter.get_total_flops())
-
-    base = count(thin)
-    plain = count(paired)
+    base = step_flops(lambda: _loss(thin(*inputs)).backward())
+    plain = step_flops(lambda: _loss(paired(*inputs)).backward())
     with surgery.premerged(paired):
-        merged = count(paired)
+        merged = step_flops(lambda: _loss(paired(*inputs)).backward())
     return base / 1e9, plain / base, merged / base
 
 
-def time_ratios(config: Config, rounds: int, budget_s: float) -> dict:
+def time_ratios(config: Config, rounds: int, budget_s: float) -> Times:
+    """Seconds per training step of the thin, plain paired and pre-merged models, per round."""
     torch.manual_seed(0)
     thin = config.build().train()
     inputs = config.inputs()
     paired = surgery.insert_pairs(thin, tuple(x[:2] for x in inputs), init="random").train()
-    merged = surgery.insert_pairs(thin, tuple(x[:2] for x in inputs), init="random").train()
+    merged = copy.deepcopy(paired)
     surgery.set_premerged(merged, "auto")
     steps = {}
     for name, model in (("thin", thin), ("plain", paired), ("premerged", merged)):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         steps[name] = _step(model, optimizer, inputs)
-    times = interleave(steps, rounds, warmup=1, budget_s=budget_s)
-    return {"times": times, "rounds": len(times["thin"])}
+    return interleave(steps, rounds, warmup=1, budget_s=budget_s)
 
 
 def run(quick: bool, rounds: int, budget_s: float) -> tuple[list[list[str]], list[str]]:
@@ -148,18 +144,16 @@ def run(quick: bool, rounds: int, budget_s: float) -> tuple[list[list[str]], lis
             gflop, plain_flops, merged_flops = flop_ratios(config)
             row = [config.name, f"{gflop:.0f}", f"{plain_flops:.3f}", f"{merged_flops:.3f}"]
             if config.timed:
-                t = time_ratios(config, rounds, budget_s)
-                times = t["times"]
-                thin_s = sorted(times["thin"])[len(times["thin"]) // 2]
+                times = time_ratios(config, rounds, budget_s)
                 merged_ratio = ratio(times, "premerged", "thin")[0]
                 ok = merged_ratio <= GOAL
                 if not ok:
                     misses.append(f"{config.name}: premerged {merged_ratio:.3f}x > {GOAL}")
                 row += [
-                    f"{thin_s:.2f}",
+                    f"{median(times['thin']):.2f}",
                     ratio_cell(times, "plain", "thin"),
                     ratio_cell(times, "premerged", "thin"),
-                    f"{t['rounds']}",
+                    str(len(times["thin"])),
                     "yes" if ok else "NO",
                 ]
             else:
