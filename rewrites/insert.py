@@ -146,7 +146,7 @@ def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
     )
     for layer in merged:
         if layer is not None:
-            layer.sharing = sharing
+            layer.share(sharing)
 
 
 def _install_merged_forward(

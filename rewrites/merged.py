@@ -90,8 +90,8 @@ class MergedLayer:
         self.module, self.kind, self.cache = module, kind, cache
         self.inputs, self.outputs = inputs, outputs  # _Action lists (consumer side, producer side)
         self.pairs = [a.pair for a in inputs + outputs + probes]
-        # pair -> how many layers it is merged into (set by the insert pass)
-        self.sharing: dict[Any, int] = {}
+        self.sharing: dict[Any, int] = {}  # pair -> how many layers it is merged into (see share)
+        self.merge_cost = self._merge_cost()
         self.current = False  # the choice made for the call in progress (read by output hooks)
 
     def merged_pairs(self) -> set[Any]:
@@ -103,7 +103,7 @@ class MergedLayer:
             return False
         if any(p.recording for p in self.pairs):
             return False
-        return policies == {"always"} or self.merge_cost() <= self.pair_cost(x)
+        return policies == {"always"} or self.merge_cost <= self.pair_cost(x)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))
@@ -127,8 +127,15 @@ class MergedLayer:
         out_features = self.module.weight.shape[_AXES[self.kind][1]]
         return cost + sum(2 * a.pair.D * rows * out_features for a in self.outputs)
 
-    def merge_cost(self) -> float:
-        """Multiply-adds of merging the pairs into the weight, each in its cheaper order."""
+    def share(self, sharing: dict[Any, int]) -> None:
+        """Set how many layers each pair is merged into (the insert pass knows, once all are built):
+        the product W = M2 M1 is formed once per forward for all of them."""
+        self.sharing = sharing
+        self.merge_cost = self._merge_cost()
+
+    def _merge_cost(self) -> float:
+        """Multiply-adds of merging the pairs into the weight, each in its cheaper order (fixed by
+        the shapes, so computed once, not per call)."""
         return sum(
             min(self._orders(self.module.weight, a.pair)) for a in self.inputs + self.outputs
         )

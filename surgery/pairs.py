@@ -251,15 +251,21 @@ def premerged(paired: nn.Module, policy: bool | str = "auto") -> Iterator[nn.Mod
             pair.premerged = before[name]
 
 
+def is_paired(model: nn.Module) -> bool:
+    """Whether `model` (or the model inside a DDP / torch.compile wrapper) carries surgery pairs."""
+    from .fold import unwrap
+
+    return isinstance(getattr(unwrap(model), "pairs", None), PairDict)
+
+
 def _pairs_of(paired: nn.Module) -> PairDict:
     from .fold import unwrap
 
-    pairs = getattr(unwrap(paired), "pairs", None)
-    if not isinstance(pairs, PairDict):
+    if not is_paired(paired):
         raise TypeError(
             f"{type(paired).__name__} is not a paired model: pass the result of surgery.insert_pairs"
         )
-    return pairs
+    return unwrap(paired).pairs
 
 
 @contextlib.contextmanager

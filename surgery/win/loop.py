@@ -21,7 +21,7 @@ from surgery.capture import as_example_inputs, capture
 from surgery.errors import PlanError
 from surgery.fold import fold, strip_pairs, unwrap
 from surgery.paired import insert_pairs
-from surgery.pairs import PairDict
+from surgery.pairs import is_paired
 from surgery.pairs import premerged as premerged_mode
 from surgery.report import progress_bar
 
@@ -264,7 +264,7 @@ def _imitation_stage(
 
 def _pair_mode(model: nn.Module, policy: bool | str) -> contextlib.AbstractContextManager:
     """Pre-merged mode for a paired model; nothing for any other (a teacher, a folded student)."""
-    if policy is False or not isinstance(getattr(unwrap(model), "pairs", None), PairDict):
+    if policy is False or not is_paired(model):
         return contextlib.nullcontext()
     return premerged_mode(model, policy)
 
