@@ -9,15 +9,18 @@ ResNet of BasicBlocks (`blocks` blocks in 4 stages, input 1x3x32x32), at 12, 24,
 - capture: surgery's own capture (surgery.capture.capture): baseline + what it adds to get shapes
   and a Dataflow (fx: ShapeProp runs the model once; the failed fx attempt first, for BERT);
 - find_blocks: surgery.find_blocks(model, args) -- capture + the boundary / fold-route analysis;
-- plan_pairs: surgery.plan_pairs(model, args) -- capture + analysis (with cuts inside blocks) +
-  choosing sites and widths: everything insert_pairs does before it builds a module.
+- plan_pairs: surgery.plan_pairs(model, args, check=False) -- capture + analysis (with cuts inside
+  blocks) + choosing sites and widths: everything insert_pairs does before it builds a module;
+- checked plan: surgery.plan_pairs(model, args), the default: the same plus the numeric self-check
+  (random pairs on every candidate site, paired vs folded forward in float64; surgery.selfcheck).
 
 So every "ours" time is baseline + analysis; the ratios say what the analysis costs on top of the
 capture. Candidates are interleaved round by round (perf_common.interleave); ratios are medians of
 the per-round ratios with quartiles (min-max under 4 rounds); absolute times are context only.
 
-Goals (checked on plan_pairs, the full planning path, and find_blocks):
+Goals (checked on plan_pairs, the full planning path, and find_blocks, both without the check):
 - ours / baseline <= 1.3 (median) at every depth;
+- the self-check: checked plan / plan_pairs <= 1.5 (median) at every depth;
 - linear in depth: per-block time of plan_pairs at the largest depth <= 1.5x its per-block time at
   the smallest depth (fixed costs make per-block time fall with depth, so growth above 1.5 means a
   super-linear term).
@@ -60,6 +63,7 @@ from surgery.capture import capture  # noqa: E402
 
 GOAL_RATIO = 1.3
 GOAL_GROWTH = 1.5
+GOAL_CHECK = 1.5
 FX = "torch.fx.symbolic_trace"
 PROFILE_FILTER = (
     r"surgery/|_symbolic_trace.py.*\(trace\)|shape_prop.py.*\(propagate\)"
@@ -85,14 +89,15 @@ def baseline_fn(model: nn.Module, inputs: tuple[Any, ...], method: str) -> Calla
 
 def measure(model: nn.Module, inputs: tuple[Any, ...], rounds: int) -> dict[str, Any]:
     with torch.no_grad():
-        table = surgery.find_blocks(model, inputs)  # also tells which capture surgery uses
+        table = surgery.find_blocks(model, inputs, check=False)  # which capture surgery uses
     method = table.flow.method
     times = interleave(
         {
             "baseline": baseline_fn(model, inputs, method),
             "capture": lambda: capture(model, inputs),
-            "find_blocks": lambda: surgery.find_blocks(model, inputs),
-            "plan_pairs": lambda: surgery.plan_pairs(model, inputs),
+            "find_blocks": lambda: surgery.find_blocks(model, inputs, check=False),
+            "plan_pairs": lambda: surgery.plan_pairs(model, inputs, check=False),
+            "checked plan": lambda: surgery.plan_pairs(model, inputs),
         },
         rounds,
     )
@@ -126,7 +131,7 @@ def run(quick: bool, want_profile: bool) -> tuple[list[list[str]], list[str], li
                 m = measure(model, inputs, rounds)
             except Exception as error:  # noqa: BLE001 - one model failing must not hide the others
                 rows.append([name, str(depth), "error", f"{type(error).__name__}: {error}"[:200]])
-                rows[-1] += [""] * 8
+                rows[-1] += [""] * 9
                 misses.append(f"{name} {depth}: error")
                 continue
             times = m["times"]
@@ -141,6 +146,12 @@ def run(quick: bool, want_profile: bool) -> tuple[list[list[str]], list[str], li
                     misses.append(
                         f"{name} {depth} blocks: {ours}/baseline {mid:.2f} > {GOAL_RATIO}"
                     )
+            check_cost = ratio(times, "checked plan", "plan_pairs")[0]
+            met.append(check_cost <= GOAL_CHECK)
+            if check_cost > GOAL_CHECK:
+                misses.append(
+                    f"{name} {depth} blocks: checked plan/plan_pairs {check_cost:.2f} > {GOAL_CHECK}"
+                )
             linear = growth <= GOAL_GROWTH
             if not linear:
                 misses.append(
@@ -157,6 +168,7 @@ def run(quick: bool, want_profile: bool) -> tuple[list[list[str]], list[str], li
                     ratio_cell(times, "capture", "baseline"),
                     ratio_cell(times, "find_blocks", "baseline"),
                     ratio_cell(times, "plan_pairs", "baseline"),
+                    ratio_cell(times, "checked plan", "plan_pairs"),
                     f"{per_block * 1e3:.1f}",
                     f"{growth:.2f}",
                     "yes" if all(met) and linear else "NO",
@@ -190,9 +202,10 @@ def main() -> None:
             "capture / baseline",
             "find_blocks / baseline",
             "plan_pairs / baseline",
+            "checked plan / plan_pairs",
             "plan ms / block",
             "per-block growth",
-            f"goals (<= {GOAL_RATIO}x, growth <= {GOAL_GROWTH})",
+            f"goals (<= {GOAL_RATIO}x, check <= {GOAL_CHECK}x, growth <= {GOAL_GROWTH})",
             "s",
         ],
         rows,

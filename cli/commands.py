@@ -7,9 +7,10 @@ that works but fails its check (a verify over tolerance) returns 1.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,12 +25,12 @@ from rich.progress import (
 )
 from torch import nn
 
-from surgery.blocks import find_blocks
 from surgery.capture import synthesise_inputs
 from surgery.checkpoint import build_original, is_checkpoint, load, open_checkpoint, save
 from surgery.errors import SurgeryError
-from surgery.outputs import atomic_output
-from surgery.paired import insert_pairs
+from surgery.jsontext import parse_json
+from surgery.outputs import atomic_output, check_outputs
+from surgery.paired import find_blocks, insert_pairs
 from surgery.picture import draw_blocks
 from surgery.plan import Plan
 from surgery.report import render_table
@@ -58,6 +59,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument(
         "--inside-blocks", action="store_true", help="also list cuts inside innermost blocks"
     )
+    _check_option(inspect)
     inspect.set_defaults(run=run_inspect)
 
     insert = commands.add_parser(
@@ -76,6 +78,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     insert.add_argument("--bias", action="store_true", help="give the pairs biases")
     insert.add_argument("--init", choices=("identity", "random"), default="identity")
+    _check_option(insert)
     insert.add_argument(
         "--max-shard-size",
         metavar="SIZE",
@@ -126,6 +129,15 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     _trust_options(parser)
 
 
+def _check_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="skip the numeric self-check of each site (random pairs, paired vs folded in float64)",
+    )
+
+
 def _tolerance_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtol", type=float, default=1e-5, help="max|a - b| <= atol + rtol*max|a|")
     parser.add_argument("--atol", type=float, default=1e-6)
@@ -150,7 +162,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _kwargs(text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"--kwargs is not JSON: {error}") from None
     if not isinstance(value, dict):
@@ -167,17 +179,21 @@ def _names(text: str) -> list[str]:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the block table (and a paired checkpoint's plan); draw the block map."""
+    check_outputs({"--picture": args.picture}, _model_inputs(args))
     torch.manual_seed(args.seed)
     if is_checkpoint(args.model):
         with open_checkpoint(args.model, trust_pickle=args.trust_pickle) as checkpoint:
             plan = checkpoint.plan
-            model = _on_meta(lambda: build_original(checkpoint, trust_source=args.trust_source))
+            build = functools.partial(build_original, checkpoint, trust_source=args.trust_source)
+            model = _for_inspection(build, args.check)
     else:
         plan, source = None, source_of(args.model, args.kwargs)
-        model = _on_meta(source.build)
+        model = _for_inspection(source.build, args.check)
     bias = args.bias or (plan is not None and any(site.bias for site in plan.sites))
     inputs = synthesise_inputs(model, args.input_shape or _plan_shape(plan))
-    table = find_blocks(model, inputs, bias=bias, inside_blocks=args.inside_blocks)
+    table = find_blocks(
+        model, inputs, bias=bias, inside_blocks=args.inside_blocks, check=args.check
+    )
     print(table)
     if plan is not None:
         print(plan_table(plan, "pairs in this checkpoint"))
@@ -188,6 +204,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_insert(args: argparse.Namespace) -> int:
     """Insert pairs into a model (its weights, when MODEL is a checkpoint) and save the result."""
+    check_outputs({"--out": args.out}, _model_inputs(args))
     torch.manual_seed(args.seed)
     source = _source(args)
     model = load(
@@ -207,6 +224,7 @@ def run_insert(args: argparse.Namespace) -> int:
         sites=args.sites or "auto",
         probes=args.probes,
         bias=args.bias,
+        check=args.check,
     )
     path = save(paired, args.out, source=source, max_shard_size=args.max_shard_size)
     print(plan_table(paired.plan, f"pairs inserted into {source}"))
@@ -216,7 +234,16 @@ def run_insert(args: argparse.Namespace) -> int:
 
 
 def run_fold(args: argparse.Namespace) -> int:
-    """Fold a paired checkpoint on disk; optionally verify the result and export it to ONNX."""
+    """Fold a paired checkpoint on disk; optionally verify the result and export it to ONNX, both
+    before the output is committed (a failed check writes nothing)."""
+    with open_checkpoint(args.paired, plan=args.plan, trust_pickle=args.trust_pickle) as opened:
+        inputs = opened.inputs
+    check_outputs({"--out": args.out, "--onnx": args.onnx}, inputs)
+    checked: list[tuple[str, Any]] = []
+
+    def check(thin_path: Path) -> None:
+        checked.extend(_check_thin(args, thin_path, inputs))
+
     console = Console(stderr=True)
     columns = (
         TextColumn("folding"),
@@ -225,15 +252,21 @@ def run_fold(args: argparse.Namespace) -> int:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("fold", total=None)
-        summary = fold_checkpoint(
-            args.paired,
-            args.out,
-            plan=args.plan,
-            trust_pickle=args.trust_pickle,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("fold", total=None)
+            summary = fold_checkpoint(
+                args.paired,
+                args.out,
+                plan=args.plan,
+                trust_pickle=args.trust_pickle,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                before_commit=check if args.verify or args.onnx else None,
+            )
+    except _CheckFailed as failed:
+        rows = [*failed.rows, ("output", f"not written: {args.out} is unchanged")]
+        print(render_table("surgery fold", ("", ""), rows))
+        return 1
     rows: list[tuple[str, Any]] = [
         ("pairs folded", summary.pairs_folded),
         ("probe-only sites dropped", summary.probes_dropped),
@@ -243,33 +276,44 @@ def run_fold(args: argparse.Namespace) -> int:
         ("bytes written", f"{summary.bytes_written:,}"),
         ("time", f"{summary.seconds:.2f} s"),
         ("output", summary.path),
+        *checked,
     ]
-    status = 0
-    if args.verify or args.onnx:
-        torch.manual_seed(0)
-        options = {
-            "plan": args.plan,
-            "trust_pickle": args.trust_pickle,
-            "trust_source": args.trust_source,
-        }
-        paired = load(args.paired, **options)
-        thin = load(summary.path, trust_source=args.trust_source)
-        inputs = synthesise_inputs(thin, args.input_shape or _plan_shape(paired.plan))
-        if args.verify:
-            report = verify(paired, thin, inputs, runtime="torch", rtol=args.rtol, atol=args.atol)
-            rows += [
-                ("max abs error vs paired", report.max_abs),
-                ("max rel error vs paired", report.max_rel),
-                ("verify", "OK" if report.ok else f"FAILED: {report.reason}"),
-            ]
-            status = 0 if report.ok else 1
-        if args.onnx:
-            proto = export_onnx(thin.eval(), inputs, "thin")
-            with atomic_output(args.onnx, inputs=[str(summary.path)]) as temp:
-                temp.write_bytes(proto.SerializeToString())
-            rows.append(("onnx", args.onnx))
     print(render_table("surgery fold", ("", ""), rows))
-    return status
+    return 0
+
+
+class _CheckFailed(Exception):
+    """`fold --verify` found the thin model off: the output is not committed."""
+
+    def __init__(self, rows: list[tuple[str, Any]]) -> None:
+        super().__init__("verify failed")
+        self.rows = rows
+
+
+def _check_thin(args: argparse.Namespace, thin_path: Path, inputs: list[str]) -> list[tuple]:
+    """--verify and --onnx on the folded output before it is committed (under its temporary
+    name); raise _CheckFailed when verify is over tolerance."""
+    torch.manual_seed(0)
+    options = {"plan": args.plan, "trust_pickle": args.trust_pickle}
+    paired = load(args.paired, trust_source=args.trust_source, **options)
+    thin = load(thin_path, trust_source=args.trust_source)
+    inputs_ = synthesise_inputs(thin, args.input_shape or _plan_shape(paired.plan))
+    rows: list[tuple[str, Any]] = []
+    if args.verify:
+        report = verify(paired, thin, inputs_, runtime="torch", rtol=args.rtol, atol=args.atol)
+        rows += [
+            ("max abs error vs paired", report.max_abs),
+            ("max rel error vs paired", report.max_rel),
+            ("verify", "OK" if report.ok else f"FAILED: {report.reason}"),
+        ]
+        if not report.ok:
+            raise _CheckFailed(rows)
+    if args.onnx:
+        proto = export_onnx(thin.eval(), inputs_, "thin")
+        with atomic_output(args.onnx, inputs=[*inputs, str(thin_path)]) as temp:
+            temp.write_bytes(proto.SerializeToString())
+        rows.append(("onnx", args.onnx))
+    return rows
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -308,6 +352,15 @@ def plan_table(plan: Plan, title: str) -> str:
     return render_table(title, ["site", "d -> D", "bias", "fold", "absorbed by"], rows)
 
 
+def _model_inputs(args: argparse.Namespace) -> list[str]:
+    """The files MODEL reads (a checkpoint's weights, shards, index and config; a config file)."""
+    if is_checkpoint(args.model):
+        with open_checkpoint(args.model, trust_pickle=args.trust_pickle) as checkpoint:
+            return checkpoint.inputs
+    path = Path(args.model)
+    return [str(p) for p in (path, path / "config.json") if p.exists()]
+
+
 def _source(args: argparse.Namespace) -> Source | None:
     if is_checkpoint(args.model):
         with open_checkpoint(args.model, trust_pickle=args.trust_pickle) as checkpoint:
@@ -320,6 +373,20 @@ def _plan_shape(plan: Plan | None) -> tuple[int, ...] | None:
     if plan is None or len(plan.example_shapes) != 1:
         return None
     return tuple(plan.example_shapes[0])
+
+
+CHECK_LIMIT = 200_000_000  # parameters: above this, inspect plans on the meta device, unchecked
+
+
+def _for_inspection(build: Callable[[], nn.Module], check: bool) -> nn.Module:
+    """The model to inspect: with random weights, so each site can be checked numerically, unless
+    the check is off or the model is too big to hold twice in float64 (then on the meta device,
+    instantly, and the table says the sites were not numerically checked)."""
+    model = _on_meta(build)
+    count = sum(p.numel() for p in model.parameters())
+    if not check or count > CHECK_LIMIT or not any(p.is_meta for p in model.parameters()):
+        return model
+    return build()
 
 
 def _on_meta(build: Callable[[], nn.Module]) -> nn.Module:

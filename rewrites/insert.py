@@ -62,6 +62,8 @@ class _Action:
 class InputPairs:
     """Forward pre-hook: runs pairs on the module's first input."""
 
+    surgery_pair = True  # capture knows these hooks: they are the pairs themselves
+
     def __init__(self, actions: list[_Action]) -> None:
         self.actions = actions
 
@@ -81,6 +83,8 @@ class InputPairs:
 
 class OutputPairs:
     """Forward hook: runs pairs on the module's output tensor."""
+
+    surgery_pair = True  # capture knows these hooks: they are the pairs themselves
 
     def __init__(self, actions: list[_Action], path: str) -> None:
         self.actions = actions

@@ -1,5 +1,6 @@
 """surgery: insert widen/narrow pairs at block boundaries, train, fold them back exactly."""
 
+from .attach import apply_plan
 from .balance import (
     BalanceReport,
     GradNorms,
@@ -8,7 +9,7 @@ from .balance import (
     scale_invariant,
     smooth_hinge_loss,
 )
-from .blocks import BlockTable, Boundary, find_blocks
+from .blocks import BlockTable, Boundary
 from .bottleneck import BottleneckPlan, nonlinear_bottleneck
 from .checkpoint import Checkpoint, load, open_checkpoint, save
 from .errors import CaptureError, CheckpointError, FoldError, PlanError, SurgeryError
@@ -20,7 +21,7 @@ from .kernel_distance import (
     kernel_distance_approx,
     optimal_connectivity,
 )
-from .paired import apply_plan, insert_pairs, plan_pairs
+from .paired import find_blocks, insert_pairs, plan_pairs
 from .pairs import Pair, premerged, probe, set_premerged
 from .plan import Plan
 from .sources import Source

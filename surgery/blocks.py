@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
-from torch import nn
 
 from surgery.rewrites import channel_ops
 from surgery.rewrites.common import RuleContext
 
-from .capture import capture
 from .graph import Dataflow, Layout, Op
 from .plan import Placement, Route
 from .report import render_table
@@ -42,10 +40,14 @@ class Boundary:
     aliases: list[str] = field(default_factory=list)
     inside_block: bool = False  # a cut between the layers of an innermost block (hidden by default)
     in_block: bool = False  # not a cut: a site inside a block whose output cannot take a pair
+    checked: str = ""  # the numeric self-check's verdict (surgery.selfcheck); "" when not run
 
     @property
     def foldable(self) -> bool:
         return self.route is not None
+
+
+NOT_CHECKED = "not numerically checked"
 
 
 class BlockTable(list):
@@ -63,6 +65,22 @@ class BlockTable(list):
     @property
     def foldable(self) -> list[Boundary]:
         return [b for b in self if b.foldable]
+
+    @property
+    def why_no_sites(self) -> str:
+        """Why no pair can go anywhere: no boundary at all, or the first boundaries' reasons."""
+        if not self:
+            inputs = len(self.flow.example_shapes)
+            return (
+                f"no tensor carries all the activation flow from the {inputs} input(s) to the "
+                "outputs, so the model has no block boundary (an encoder-decoder, or inputs that "
+                "reach the outputs by separate paths, e.g. through cross-attention): this surgery "
+                "has no site to offer for it yet"
+            )
+        refused = [b for b in self if not b.foldable][:5]
+        return "; ".join(f"{b.name}: {b.reason or 'no rule applies'}" for b in refused) or (
+            "the boundaries that fold are all inside blocks: name them in sites="
+        )
 
     def get(self, name: str) -> Boundary:
         """A boundary by its name or any alias (e.g. 'layer1.2' for 'layer1', 'avgpool' for 'layer4')."""
@@ -94,6 +112,7 @@ class BlockTable(list):
                     b.feature_axis,
                     b.width,
                     fold,
+                    b.checked or (NOT_CHECKED if b.foldable else "-"),
                     detail,
                 ]
             )
@@ -103,25 +122,25 @@ class BlockTable(list):
         shapes = ", ".join("x".join(map(str, s)) for s in self.flow.example_shapes)
         return render_table(
             f"Block boundaries of {self.flow.model_class.rsplit('.', 1)[-1]} (input {shapes}, {self.flow.method})",
-            ["#", "site", "feeds", "shape", "axis", "width", "fold", "absorbed by / why not"],
+            [
+                "#",
+                "site",
+                "feeds",
+                "shape",
+                "axis",
+                "width",
+                "fold",
+                "numeric check",
+                "absorbed by / why not",
+            ],
             self.rows(),
             caption=f"{len(self.foldable)} of {len(self)} boundaries fold exactly"
-            + (" with a pair bias" if self.bias else ""),
+            + (" with a pair bias" if self.bias else "")
+            + ("" if self else f": {self.why_no_sites}"),
         )
 
     def __repr__(self) -> str:
         return str(self)
-
-
-def find_blocks(
-    model: nn.Module, example_inputs: Any = None, *, bias: bool = False, inside_blocks: bool = False
-) -> BlockTable:
-    """Block boundaries of `model` with their fold routes or the reasons they cannot fold.
-
-    `example_inputs`: a tensor or tuple of positional inputs (synthesised from the first layer when
-    None). `bias`: plan for pairs with biases (fewer boundaries can absorb them). `inside_blocks`:
-    also list the cuts inside the innermost blocks (e.g. between the layers of a chain-shaped block)."""
-    return analyse(capture(model, example_inputs), bias=bias, inside_blocks=inside_blocks)
 
 
 def analyse(flow: Dataflow, *, bias: bool = False, inside_blocks: bool = False) -> BlockTable:

@@ -16,7 +16,8 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attach import apply_plan
 from .errors import CheckpointError
 from .fold import unwrap
-from .outputs import atomic_output
-from .paired import apply_plan
+from .jsontext import parse_json
+from .outputs import atomic_output, regular_input
 from .plan import Plan
 from .sources import Source, SourceError, source_of, source_of_model
 from .tensorfile import DTYPES, Spec, TensorFile, Writer, check_finite, tensor_bytes
@@ -59,6 +61,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         source: Source | None = None,
     ) -> None:
         self.path, self.specs, self.shards = path, specs, shards
+        self.plan_file: Path | None = None  # a --plan file given instead of the metadata's
         self.files, self.tensors = files or {}, tensors
         self.plan = plan if plan is not None else _plan(metadata, path)
         self.source = source if source is not None else _source(metadata, path)
@@ -69,8 +72,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     @property
     def inputs(self) -> list[str]:
-        """The files this checkpoint reads (an output may not replace them)."""
-        return [str(self.path), *(f.path for f in self.files.values())]
+        """The files this checkpoint reads (an output may not replace them): the weights, shards,
+        index, a plan file and the Hugging Face config beside them."""
+        beside = [self.path.parent / CONFIG] if (self.path.parent / CONFIG).is_file() else []
+        plan = [self.plan_file] if self.plan_file is not None else []
+        files = dict.fromkeys(f.path for f in self.files.values())
+        return list(dict.fromkeys(str(p) for p in (self.path, *files, *plan, *beside)))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.specs:
@@ -130,14 +137,12 @@ def open_checkpoint(
     """Open a checkpoint: a .safetensors file, a `*.safetensors.index.json`, a directory holding
     either, or (with trust_pickle) a pickled .pt/.pth/.bin/.ckpt. `plan`: a Plan json file to use
     instead of the one in the metadata. Every header is checked before any tensor is trusted."""
-    root = Path(path)
-    if not root.exists():
-        raise CheckpointError(f"{root} does not exist")
+    root = regular_input(path, "checkpoint")
     if root.is_dir():
         found = [n for n in (INDEX, WEIGHTS, PICKLED_WEIGHTS) if (root / n).is_file()]
         if not found:
             raise CheckpointError(f"{root} holds no {WEIGHTS}, {INDEX} or {PICKLED_WEIGHTS}")
-        root = root / found[0]
+        root = regular_input(root / found[0], "checkpoint")
     override = _plan_file(plan) if plan is not None else None
     if root.name.endswith(".index.json"):
         checkpoint = _open_sharded(root, override)
@@ -159,26 +164,31 @@ def open_checkpoint(
             f"{root}: not a checkpoint (expected .safetensors, *.safetensors.index.json, a directory "
             f"holding {WEIGHTS}, or a pickle with --trust-pickle)"
         )
+    checkpoint.plan_file = Path(plan) if plan is not None else None
     return checkpoint
 
 
 def _open_sharded(index_path: Path, plan: Plan | None) -> Checkpoint:
     """Hugging Face shards: the index's weight_map must match the shards' headers exactly."""
     try:
-        index = json.loads(index_path.read_text())
+        index = parse_json(index_path.read_text())
         weight_map, metadata = index["weight_map"], index.get("metadata") or {}
         assert isinstance(weight_map, dict) and isinstance(metadata, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
         raise CheckpointError(
             f"{index_path}: not a safetensors index (JSON with a weight_map object)"
         ) from None
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+            raise CheckpointError(
+                f"{index_path}: the weight_map sends {name!r} to shard {shard!r}, which is not a "
+                "file name beside it"
+            )
     files: dict[str, TensorFile] = {}
     opened: dict[str, TensorFile] = {}
     try:
         for shard in dict.fromkeys(sorted(weight_map.values())):
-            if not isinstance(shard, str) or Path(shard).name != shard:
-                raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name beside it")
-            opened[shard] = TensorFile(index_path.parent / shard)
+            opened[shard] = TensorFile(regular_input(index_path.parent / shard, "shard"))
             listed = sorted(n for n, s in weight_map.items() if s == shard)
             if sorted(opened[shard].entries) != listed:
                 raise CheckpointError(
@@ -233,7 +243,7 @@ def _open_pickle(path: Path, plan: Plan | None, trust: bool) -> Checkpoint:
 
 def _plan_file(path: str | os.PathLike[str]) -> Plan:
     try:
-        text = Path(path).read_text()
+        text = regular_input(path, "plan").read_text()
     except OSError as error:
         raise CheckpointError(f"cannot read the plan {path}: {error.strerror}") from None
     return _parse_plan(text, Path(path))
@@ -300,8 +310,14 @@ class Output:
         return cls(out, shards, metadata, source.config if source is not None else None)
 
     @contextlib.contextmanager
-    def open(self, specs: Mapping[str, Spec], inputs: Sequence[str] = ()) -> Iterator[Writers]:
-        """Writers for every shard inside an atomic temporary; index and config written at the end."""
+    def open(
+        self,
+        specs: Mapping[str, Spec],
+        inputs: Sequence[str] = (),
+        before_commit: Callable[[Path], None] | None = None,
+    ) -> Iterator[Writers]:
+        """Writers for every shard inside an atomic temporary; index and config written at the end,
+        then `before_commit(temporary)` (a check that may raise: nothing is written then)."""
         with atomic_output(self.path, directory=self.directory, inputs=inputs) as temp:
             writers = Writers()
             try:
@@ -317,6 +333,8 @@ class Output:
                 (temp / INDEX).write_text(self._index(specs))
             if self.directory and self.config is not None:
                 (temp / CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+            if before_commit is not None:
+                before_commit(temp)
 
     def _index(self, specs: Mapping[str, Spec]) -> str:
         total = sum(spec.nbytes for spec in specs.values())
@@ -462,8 +480,10 @@ def build_original(checkpoint: Checkpoint, *, trust_source: bool = False) -> nn.
 
 def _load_state(model: nn.Module, checkpoint: Checkpoint) -> None:
     """Strict load, except that a tied tensor saved under one of its names is enough (Hugging Face
-    drops lm_head.weight when it is wte.weight)."""
-    state = dict(checkpoint.items())
+    drops lm_head.weight when it is wte.weight). A file keeps no module versions, so the state
+    carries the model's own (some `_load_from_state_dict` refuse a state without them)."""
+    state = OrderedDict(checkpoint.items())
+    state._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:

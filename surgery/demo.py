@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from .blocks import find_blocks
 from .fold import fold
-from .paired import insert_pairs
+from .paired import find_blocks, insert_pairs
 from .pairs import probe
 from .report import progress_bar, render_table
 from .verify import verify

@@ -29,6 +29,7 @@ from surgery.rewrites.factor import factor_svd, full_rank
 
 from .errors import FoldError, PlanError
 from .fold import unwrap
+from .jsontext import parse_json
 from .plan import Target
 from .report import render_table
 
@@ -77,7 +78,7 @@ class FactorPlan:
     @classmethod
     def from_json(cls, text: str) -> FactorPlan:
         """A plan from `to_json` output."""
-        data = json.loads(text)
+        data = parse_json(text)
         if data.get("version") != FACTOR_PLAN_VERSION:
             raise ValueError(f"factor plan version {data.get('version')!r} is not supported")
         sites = [FactorSite(**{**s, "target": Target(**s["target"])}) for s in data["sites"]]

@@ -7,7 +7,7 @@ on their own; `fold` wraps it for a live paired model and returns the user's cla
 from __future__ import annotations
 
 import copy
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -57,11 +57,19 @@ def _check_pair(site: Site, shapes: Mapping[str, tuple[int, ...]]) -> None:
 def fold_state_dict(state: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
     """The thin state_dict: every recipe applied in plan order, in float64, cast back to each
     parameter's dtype; pair tensors dropped, every other entry passed through untouched."""
+    check_plan(plan, {name: tuple(tensor.shape) for name, tensor in state.items()})
     pair_keys = plan.pair_keys()
-    thin = {k: v for k, v in state.items() if k not in pair_keys}
+    thin = OrderedDict((k, v) for k, v in state.items() if k not in pair_keys)
     for folded in fold_components(state, plan):
         for name, value in folded.items():
             thin[name] = value.to(state[name].dtype)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:  # module versions: some _load_from_state_dict refuse a state without
+        thin._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (prefix, info)
+            for prefix, info in metadata.items()
+            if prefix != "pairs" and not prefix.startswith("pairs.")
+        )
     return thin
 
 
@@ -125,6 +133,10 @@ def check_plan(plan: Plan, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise FoldError unless every tensor `plan` folds with is in `shapes` and every pair has the
     plan's widths: a check before any tensor is read (a layer whose shape does not fit its rule is
     refused by the rule's algebra when its component folds)."""
+    try:
+        plan.validate()
+    except ValueError as error:
+        raise FoldError(f"the plan is not valid: {error}") from None
     for site in plan.sites:
         if not site.route.targets:
             continue

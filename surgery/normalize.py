@@ -65,10 +65,65 @@ def _conv_attrs(m: nn.modules.conv._ConvNd) -> dict[str, Any]:
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
-    """Hugging Face's GPT-2 style Conv1D: a linear layer with an [in, out] weight."""
+    """Hugging Face's GPT-2 style Conv1D (that class itself): a linear layer with an [in, out] weight."""
+    cls = type(m)
     return (
-        type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+        cls.__name__ == "Conv1D"
+        and cls.__module__ == "transformers.pytorch_utils"
+        and getattr(m, "weight", None) is not None
     )
+
+
+_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+_KNOWN_LAYERS = (
+    nn.Linear,
+    *_CONVS,
+    nn.modules.batchnorm._BatchNorm,
+    nn.SyncBatchNorm,
+    nn.Embedding,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.MultiheadAttention,
+    *_DROPOUT_MODULES,
+    *_SPATIAL_MODULES,
+    *_MAXPOOL_MODULES,
+    *_NONLINEAR_MODULES,
+    *_NORM_MODULES,
+)
+# the forward (and the conv kernel call) a torch.nn layer runs; a subclass that replaces either
+# computes something else (an activation after a BatchNorm, a standardised conv weight, a scale)
+_KNOWN_FORWARDS = {cls.forward for cls in _KNOWN_LAYERS}
+_CONV_KERNELS = {cls._conv_forward for cls in _CONVS if hasattr(cls, "_conv_forward")}
+
+
+def why_not_its_base(m: nn.Module) -> str | None:
+    """Why a module that is an instance of a known torch.nn layer must not be taken for that layer:
+    its class replaces the layer's forward, or hooks / parametrizations change what it computes.
+    None when it runs exactly the layer's own code (or is not a known layer at all)."""
+    if not isinstance(m, _KNOWN_LAYERS):
+        return None
+    cls = type(m)
+    if cls.forward not in _KNOWN_FORWARDS or (
+        isinstance(m, _CONVS) and getattr(cls, "_conv_forward", None) not in _CONV_KERNELS
+    ):
+        base = next(
+            k for k in cls.__mro__ if k in _KNOWN_LAYERS or k.__module__.startswith("torch.nn")
+        )
+        return f"{cls.__name__} overrides the forward of {base.__name__}: not folded through as one"
+    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    if any(not getattr(hook, "surgery_pair", False) for hook in hooks):
+        return f"{cls.__name__} has forward hooks that change what it computes"
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return f"{cls.__name__} has parametrized weights (weight_norm, spectral_norm, ...)"
+    return None
 
 
 def _is_custom_norm(m: nn.Module) -> bool:
@@ -81,12 +136,20 @@ LEAF_KINDS = ("linear", "conv", "batch_norm", "embedding", "norm", "attention")
 
 
 def is_leaf(m: nn.Module) -> bool:
-    """Whether a module call is one op of the dataflow (its internals are not traced through)."""
-    return classify_module(m)[0] in LEAF_KINDS
+    """Whether a module call is one op of the dataflow (its internals are not traced through):
+    a known layer, or an opaque one (hooks that a trace would not see)."""
+    kind, attrs = classify_module(m)
+    return kind in LEAF_KINDS or bool(attrs.get("opaque"))
 
 
 def classify_module(m: nn.Module) -> Classified:
-    """Kind and attributes of a leaf module call."""
+    """Kind and attributes of a leaf module call. A module is a known layer only if its forward is
+    that layer's forward (see why_not_its_base); otherwise it is "other", traced into where it can
+    be, and opaque where a trace would miss what it does (hooks, parametrizations)."""
+    why = why_not_its_base(m)
+    if why is not None:
+        overridden = "overrides the forward" in why
+        return "other", {"why": why, "opaque": not overridden}
     if isinstance(m, nn.Linear):
         return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
     if _is_hf_conv1d(m):
@@ -211,18 +274,31 @@ def _dims_arg(args: Sequence[Any], kwargs: dict[str, Any], pos: int, key: str) -
 
 
 def _permutation(rank: int, name: str, args: Sequence[Any]) -> list[int] | None:
-    """Full permutation of a permute/transpose call on a tensor of `rank` dims (args after the tensor)."""
-    if name in ("permute",):
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-        return [int(d) % rank for d in dims]
-    if name in ("transpose", "swapaxes", "swapdims"):
-        a, b = int(args[0]) % rank, int(args[1]) % rank
-        perm = list(range(rank))
-        perm[a], perm[b] = perm[b], perm[a]
-        return perm
-    if name == "t":
-        return [1, 0] if rank == 2 else list(range(rank))
-    return None
+    """Full permutation of a permute/transpose call on a tensor of `rank` dims (args after the tensor);
+    None when it cannot be read (a rank-0 tensor, dims out of range or not integers)."""
+    try:
+        if name == "permute":
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            perm = [_dim(d, rank) for d in dims]
+        elif name in ("transpose", "swapaxes", "swapdims"):
+            a, b = _dim(args[0], rank), _dim(args[1], rank)
+            perm = list(range(rank))
+            perm[a], perm[b] = perm[b], perm[a]
+        elif name == "t":
+            perm = [1, 0] if rank == 2 else list(range(rank))
+        else:
+            return None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return perm if rank > 0 and sorted(perm) == list(range(rank)) else None
+
+
+def _dim(dim: Any, rank: int) -> int:
+    """A dim argument wrapped into [0, rank); ValueError when out of range (always, for rank 0)."""
+    value = int(dim)
+    if not -rank <= value < rank:
+        raise ValueError(f"dim {value} out of range for rank {rank}")
+    return value % rank
 
 
 def _avg_pool_keeps_constants(padding: Any, count_include_pad: Any, divisor_override: Any) -> bool:
@@ -248,10 +324,13 @@ def _avg_pool_attrs(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, An
 def _reduce_attrs(name: str, rank: int, dims: Any, keepdim: Any) -> Classified:
     if dims is None:
         return "other", {"why": "reduces over every axis, the feature axis included"}
-    dims = [dims] if isinstance(dims, int) else list(dims)
+    try:
+        dims = sorted(_dim(d, rank) for d in ([dims] if isinstance(dims, int) else list(dims)))
+    except (TypeError, ValueError):
+        return "other", {"why": f"reduces over dims {dims} of a tensor whose rank is not known"}
     return "transparent", {
         "family": "reduce",
-        "dims": sorted(int(d) % rank for d in dims),
+        "dims": dims,
         "keepdim": bool(keepdim),
         "keeps_constants": name == "mean",  # a sum multiplies a constant by the reduced size
     }

@@ -1,25 +1,43 @@
-"""insert_pairs: choose sites and widths (the Plan), then build the trainable paired model."""
+"""The front of the pipeline: find_blocks (capture -> analyse -> numeric self-check), plan_pairs
+(choose sites and widths: the Plan) and insert_pairs (the trainable paired model)."""
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-from surgery.rewrites.insert import attach
-
+from .attach import Chosen, apply_plan, build_plan
 from .blocks import BlockTable, Boundary, analyse
-from .capture import capture
+from .capture import as_example_inputs, capture
 from .errors import PlanError
-from .pairs import INITS, Pair, PairDict
-from .plan import PROBE_ONLY, Plan, Route, Site
+from .pairs import Pair
+from .plan import Plan, Site
+from .selfcheck import self_check
 
 Wide = float | int | Mapping[str, int]
-Chosen = list[tuple[Boundary, int, bool]]  # boundary, D, probe only
+
+
+def find_blocks(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    bias: bool = False,
+    inside_blocks: bool = False,
+    check: bool = True,
+) -> BlockTable:
+    """Block boundaries of `model` with their fold routes or the reasons they cannot fold.
+
+    `example_inputs`: a tensor or tuple of positional inputs (synthesised from the first layer when
+    None). `bias`: plan for pairs with biases (fewer boundaries can absorb them). `inside_blocks`:
+    also list the cuts inside the innermost blocks (e.g. between the layers of a chain-shaped block).
+    `check`: prove every foldable site numerically on these weights and inputs first (random pairs,
+    paired vs folded in float64; see surgery.selfcheck); a site that fails is refused."""
+    inputs = as_example_inputs(model, example_inputs)
+    table = analyse(capture(model, inputs), bias=bias, inside_blocks=inside_blocks)
+    return self_check(model, inputs, table) if check else table
 
 
 def insert_pairs(
@@ -31,6 +49,7 @@ def insert_pairs(
     sites: str | Sequence[str] = "auto",
     probes: Sequence[str] = (),
     bias: bool = False,
+    check: bool = True,
 ) -> nn.Module:
     """A copy of `model` with a widen/narrow pair at each chosen block boundary.
 
@@ -41,11 +60,14 @@ def insert_pairs(
     probes: boundaries that only get a widen map M1 for the WIN probe, nothing inserted into the
         forward (e.g. the residual stream between pre-LN transformer blocks, which cannot fold).
     bias: give the pairs biases (fewer boundaries can absorb them).
+    check: prove each candidate site numerically first (see find_blocks); failing sites are refused.
 
     The result is an instance of the model's own class with `.pairs` (site -> Pair with `.widen` and
     `.narrow`) and `.plan` (a JSON-serialisable surgery.Plan); read the WIN probes M1(h) with
     `surgery.probe(paired)`. `model` itself is not modified."""
-    plan = plan_pairs(model, example_inputs, wide=wide, sites=sites, probes=probes, bias=bias)
+    plan = plan_pairs(
+        model, example_inputs, wide=wide, sites=sites, probes=probes, bias=bias, check=check
+    )
     return apply_plan(model, plan, init=init)
 
 
@@ -57,6 +79,7 @@ def plan_pairs(
     sites: str | Sequence[str] = "auto",
     probes: Sequence[str] = (),
     bias: bool = False,
+    check: bool = True,
 ) -> Plan:
     """The Plan insert_pairs would follow (same arguments), without building anything: works on a
     model on the meta device, so a 7B-parameter model can be planned with no weight memory."""
@@ -66,8 +89,8 @@ def plan_pairs(
                 f"{type(model).__name__} already has an attribute {attr!r}: is it already paired? "
                 "Fold it first (surgery.fold) or pass the original model"
             )
-    flow = capture(model, example_inputs)
-    table = analyse(flow, bias=bias, inside_blocks=True)
+    table = find_blocks(model, example_inputs, bias=bias, inside_blocks=True, check=check)
+    flow = table.flow
     probes = [probes] if isinstance(probes, str) else list(probes)
     chosen = _choose(table, sites, wide, probes) + _choose_probes(table, probes, wide)
     if not chosen:
@@ -76,50 +99,7 @@ def plan_pairs(
         )
     order = {name: i for i, name in enumerate(flow.ops)}
     chosen.sort(key=lambda item: order[item[0].tensor])
-    return _plan(table, chosen, bias)
-
-
-def apply_plan(
-    model: nn.Module, plan: Plan, *, init: str | Callable[[Pair, Site], None] = "identity"
-) -> nn.Module:
-    """A copy of `model` with the pairs of `plan` attached (e.g. to rebuild a paired model whose
-    state_dict was saved: apply the saved plan to a fresh model, then load the state_dict)."""
-    paired = copy.deepcopy(model)
-    device, dtype = _device_dtype(model)
-    init_fn = _init_fn(init)
-    pairs = {}
-    for site in plan.sites:
-        pair = Pair(
-            site.d,
-            site.D,
-            bias=site.bias,
-            narrow=site.route.kind != PROBE_ONLY,
-            device=device,
-            dtype=dtype,
-        )
-        if device.type != "meta":
-            init_fn(pair, site)
-        pairs[site.name] = (site.key, pair)
-    attach(paired, plan, PairDict(pairs))
-    paired.plan = plan
-    return paired
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def _init_fn(init: str | Callable[[Pair, Site], None]) -> Callable[[Pair, Site], None]:
-    if callable(init):
-        return init
-    if init not in INITS:
-        raise PlanError(
-            f"init must be one of {', '.join(INITS)} or a callable(pair, site), got {init!r}"
-        )
-    return INITS[init]
+    return build_plan(table, chosen, bias)
 
 
 def _lookup(table: BlockTable, name: str) -> Boundary:
@@ -163,9 +143,8 @@ def _choose(
         else:
             picked = [b for b in table if b.foldable and not b.inside_block]
         if not picked:
-            reasons = "; ".join(f"{b.name}: {b.reason}" for b in table[:5])
             raise PlanError(
-                f"no boundary of {table.flow.model_class} can absorb a pair ({reasons})"
+                f"no boundary of {table.flow.model_class} can absorb a pair ({table.why_no_sites})"
             )
     else:
         picked = [_lookup(table, name) for name in ([sites] if isinstance(sites, str) else sites)]
@@ -185,39 +164,3 @@ def _choose_probes(table: BlockTable, probes: Sequence[str], wide: Wide) -> Chos
                 f"site {b.name!r} cannot be probed: its tensor is neither a module's output nor a module's input"
             )
     return [(b, _width(b, wide), True) for b in picked]
-
-
-def _plan(table: BlockTable, chosen: Chosen, bias: bool) -> Plan:
-    sites: list[Site] = []
-    names = [b.name for b, _, _ in chosen]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise PlanError(f"sites {twice} are named twice (in sites and probes, or by two aliases)")
-    for boundary, D, probe_only in chosen:
-        key = boundary.name.replace(".", "_").replace(":", "__")
-        while any(s.key == key for s in sites):
-            key += "_"
-        route = None if probe_only else boundary.route
-        maps = ("widen", "narrow") if route is not None else ("widen",)
-        params = {
-            f"{m}.{p}": f"pairs.{key}.{m}.{p}"
-            for m in maps
-            for p in (("weight", "bias") if bias else ("weight",))
-        }
-        sites.append(
-            Site(
-                name=boundary.name,
-                tensor=boundary.tensor,
-                shape=list(boundary.shape),
-                feature_axis=boundary.feature_axis,
-                d=boundary.width,
-                D=D,
-                bias=bias,
-                route=route or Route(PROBE_ONLY, [], [], []),
-                probe=boundary.probe,
-                key=key,
-                params=params,
-            )
-        )
-    flow = table.flow
-    return Plan(flow.model_class, flow.method, [list(s) for s in flow.example_shapes], sites)

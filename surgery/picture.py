@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from .blocks import BlockTable, Boundary
+from .blocks import NOT_CHECKED, BlockTable, Boundary
 from .errors import SurgeryError
 from .outputs import atomic_output
 from .plan import PROBE_ONLY, Plan, Site
@@ -101,7 +101,7 @@ def _site(shapes: list[Shape], y: float, b: Boundary, site: Site | None) -> floa
         b.route.kind if b.route is not None else (PROBE_ONLY if b.probe is not None else "refused")
     )
     if b.route is not None:
-        how = f"{b.route.kind}: absorbed by {', '.join(b.route.absorbed_by)}"
+        how = f"{b.route.kind} [{b.checked or NOT_CHECKED}]: absorbed by {', '.join(b.route.absorbed_by)}"
     else:
         how = f"refused{' (probe only)' if b.probe is not None else ''}: {b.reason}"
     shapes += [

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .jsontext import parse_json
+
 PLAN_VERSION = 1
 PROBE_ONLY = (
     "probe only"  # a Route kind: the site has a widen map for the WIN probe and folds nothing
@@ -71,6 +73,18 @@ class Site:
     params: dict[str, str]  # "widen.weight" -> state_dict key in the paired model
 
 
+def pair_param_name(key: str, role: str) -> str:
+    """The state_dict key of a pair tensor: `pairs.<site key>.<role>` (role e.g. widen.weight)."""
+    return f"pairs.{key}.{role}"
+
+
+def pair_roles(probe_only: bool, bias: bool) -> list[str]:
+    """The pair tensors a site has: a widen map (the probe), a narrow map unless probe-only, and
+    their biases when the pair has one."""
+    maps = ("widen",) if probe_only else ("widen", "narrow")
+    return [f"{m}.{p}" for m in maps for p in (("weight", "bias") if bias else ("weight",))]
+
+
 @dataclass
 class Plan:
     model_class: str
@@ -88,12 +102,41 @@ class Plan:
     def pair_keys(self) -> set[str]:
         return {key for site in self.sites for key in site.params.values()}
 
+    def validate(self) -> None:
+        """Raise ValueError unless the plan is self-consistent: unique site names and keys, each
+        site's pair tensors exactly the ones its kind has (named pairs.<key>.<role>), and no pair
+        tensor that is also a model tensor a recipe writes (the fold would drop it)."""
+        for what, values in (
+            ("site name", [s.name for s in self.sites]),
+            ("site key", [s.key for s in self.sites]),
+        ):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"the {what} {twice[0]!r} appears twice: each site must be unique")
+        targets = {n for s in self.sites for t in s.route.targets for n in t.params.values()}
+        for site in self.sites:
+            expected = {
+                role: pair_param_name(site.key, role)
+                for role in pair_roles(site.route.kind == PROBE_ONLY, site.bias)
+            }
+            if site.params != expected:
+                raise ValueError(
+                    f"site {site.name!r} lists pair tensors {sorted(site.params.values())}, "
+                    f"not {sorted(expected.values())} (its kind and bias)"
+                )
+            claimed = sorted(targets & set(expected.values()))
+            if claimed:
+                raise ValueError(
+                    f"site {site.name!r}: {claimed[0]} is both a pair tensor and a model tensor "
+                    "a recipe writes"
+                )
+
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(asdict(self), indent=indent)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_json(text))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -115,4 +158,6 @@ class Plan:
                     }
                 )
             )
-        return cls(**{**data, "sites": sites})
+        plan = cls(**{**data, "sites": sites})
+        plan.validate()
+        return plan

@@ -9,8 +9,10 @@ A factory named by a *file* is a call the file asks for, like a pickle: it is on
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from .errors import SurgeryError
+from .jsontext import parse_json
 
 ZOOS = ("torchvision.models.", "timm.models.")  # factories a checkpoint may name without trust
 
@@ -58,7 +61,7 @@ class Source:
     @classmethod
     def from_json(cls, text: str, *, trusted: bool = False) -> Source:
         try:
-            data = json.loads(text)
+            data = parse_json(text)
             source = cls(data.get("factory"), data.get("kwargs") or {}, data.get("config"), trusted)
         except (ValueError, AttributeError, TypeError) as error:
             raise SourceError(f"the stored model source is not valid JSON ({error})") from None
@@ -74,6 +77,8 @@ class Source:
         return f"{self.factory}({args})"
 
     def _call_factory(self) -> nn.Module:
+        if not self.trusted:
+            _refuse_new_imports(self)
         factory = _resolve(self.factory or "")
         if not self.trusted and not _zoo_or_module(factory):
             raise SourceError(
@@ -98,7 +103,7 @@ def source_of(spec: str, kwargs: dict[str, Any] | None = None) -> Source:
         path = path / "config.json"
     if path.is_file() and path.suffix == ".json":
         try:
-            config = json.loads(path.read_text())
+            config = parse_json(path.read_text())
         except (OSError, ValueError) as error:
             raise SourceError(f"cannot read the Hugging Face config {path}: {error}") from None
         if not isinstance(config, dict) or "model_type" not in config:
@@ -139,6 +144,37 @@ def _resolve(spec: str) -> Any:
     if not callable(target):
         raise SourceError(f"{spec!r} is not callable")
     return target
+
+
+def _refuse_new_imports(source: Source) -> None:
+    """An untrusted source may only name a module that is already imported or belongs to an
+    installed model zoo (torchvision, timm): importing anything else would run its top-level code
+    before we could refuse the factory."""
+    module = (source.factory or "").partition(":")[0]
+    if module in sys.modules or _installed_zoo(module):
+        return
+    raise SourceError(
+        f"the file asks to import {module!r} to call {source.factory}, and importing runs that "
+        "module's code: pass --trust-source (trust_source=True) if you trust the file, or import "
+        "the module yourself / give the model yourself"
+    )
+
+
+def _installed_zoo(module: str) -> bool:
+    """`module` is in torchvision.models / timm.models, and that package is not a file or folder of
+    the same name in the working directory (finding a top-level spec imports nothing)."""
+    if not (module + ".").startswith(ZOOS):
+        return False
+    top = module.partition(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    origin = Path(spec.origin).resolve()
+    home = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+    return home != Path.cwd().resolve()
 
 
 def _zoo_or_module(factory: Any) -> bool:

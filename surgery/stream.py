@@ -46,13 +46,15 @@ def fold_checkpoint(
     plan: str | os.PathLike[str] | None = None,
     trust_pickle: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> FoldSummary:
     """Fold a paired checkpoint into a thin one, streaming: the recipes run component by component
     (see surgery.fold.components) on tensors read from disk while a second thread copies every other
     tensor through in pieces, so memory holds one component at a time, never the model. The output
     (one file, or shards mirroring the input's) loads strictly into the original architecture; it
     is written atomically and is byte-identical for the same input. `progress(done, total)` is
-    called with the bytes written so far."""
+    called with the bytes written so far; `before_commit(path)` gets the finished output under its
+    temporary name (e.g. to verify it) and may raise, and then nothing is written."""
     start = time.perf_counter()
     with open_checkpoint(paired, plan=plan, trust_pickle=trust_pickle) as checkpoint:
         the_plan = _foldable(checkpoint)
@@ -70,7 +72,10 @@ def fold_checkpoint(
         )
         counter = _Counter(sum(spec.nbytes for spec in specs.values()), progress)
         stop = threading.Event()
-        with output.open(specs, inputs=checkpoint.inputs) as writers, ThreadPoolExecutor(1) as pool:
+        with (
+            output.open(specs, checkpoint.inputs, before_commit) as writers,
+            ThreadPoolExecutor(1) as pool,
+        ):
             untouched = [n for n in names if n not in touched]
             copying = pool.submit(_copy, checkpoint, writers, untouched, counter, stop)
             try:

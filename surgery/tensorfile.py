@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import CheckpointError
+from .jsontext import parse_json
 
 DTYPES: dict[str, torch.dtype] = {  # in the order of the safetensors library's Dtype enum
     "BOOL": torch.bool,
@@ -64,11 +66,16 @@ class TensorFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
+        try:  # non-blocking: opening a named pipe must not wait for a writer
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as error:
             raise CheckpointError(f"cannot open {self.path}: {error.strerror}") from None
         try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise CheckpointError(
+                    f"{self.path} is not a regular file (a directory, pipe or device): give the "
+                    "safetensors file itself"
+                )
             self.entries, self.metadata = _read_header(self.fd, self.path)
         except BaseException:
             os.close(self.fd)
@@ -125,7 +132,7 @@ def _read_header(fd: int, path: str) -> tuple[dict[str, Entry], dict[str, str]]:
         )
     raw = os.pread(fd, length, 8)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = parse_json(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as error:
         raise CheckpointError(
             f"{path}: the header is not valid JSON ({error}): a corrupted or non-safetensors file"

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Hypothesis example counts: CI (CI=true, as .ci/run runs) proves each rule family on at least
+# CI_EXAMPLES random cases; a developer's run uses the smaller per-test numbers.
+CI_EXAMPLES = 1000
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def examples(developer: int, ci: int = CI_EXAMPLES) -> int:
+    """max_examples for a property test: `developer` locally, at least `ci` under CI."""
+    return max(developer, ci) if IN_CI else developer
 
 
 def randomise_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -33,3 +45,21 @@ def max_rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+MLP_SIZES = [8, 16, 16, 4]
+
+
+@pytest.fixture(scope="module")
+def paired_file(tmp_path_factory):
+    """A small paired MLP checkpoint with random pairs (`small_models.mlp(MLP_SIZES)`) and no model
+    source: folding it needs none."""
+    from small_models import mlp
+
+    import surgery
+
+    torch.manual_seed(0)
+    paired = surgery.insert_pairs(mlp(MLP_SIZES).eval(), (torch.randn(2, 8),), init="random")
+    path = tmp_path_factory.mktemp("good") / "paired.safetensors"
+    surgery.save(paired, path)
+    return path

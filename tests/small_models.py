@@ -52,3 +52,24 @@ def mlp(sizes: list[int], bias: bool = True) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm that also applies an activation in its forward (as timm's BatchNormAct2d does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def bn_act_net() -> nn.Sequential:
+    """conv -> BatchNormAct -> max-pool -> conv -> pool -> linear: a pair after the BatchNormAct
+    could only fold on the producer side, through the activation (it must not)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        BatchNormAct(8),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )

@@ -15,9 +15,7 @@ from conftest import max_rel_error, randomise_batchnorm
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from surgery.cli.main import main
-from torch import nn
 
-import surgery
 from surgery.checkpoint import PLAN_KEY, load, save
 from surgery.stream import fold_checkpoint
 
@@ -127,19 +125,6 @@ def test_gpt2_sharded_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------- bad files
-
-
-@pytest.fixture(scope="module")
-def paired_file(tmp_path_factory):
-    """A small paired MLP checkpoint (no model source: folding needs none)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
-    )
-    paired = surgery.insert_pairs(model.eval(), (torch.randn(2, 8),), init="random")
-    path = tmp_path_factory.mktemp("good") / "paired.safetensors"
-    save(paired, path)
-    return path
 
 
 def _rewrite_header(src: Path, dst: Path, edit) -> None:

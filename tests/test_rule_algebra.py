@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import examples
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from surgery.rewrites import RULES, algebra
@@ -19,7 +20,7 @@ from surgery.plan import Target
 
 TOL = 1e-10
 SETTINGS = settings(
-    max_examples=200,
+    max_examples=examples(200),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -197,7 +198,7 @@ def test_absorb_input_bias_linear(d, outer, inner, out, seed):
     assert rel_err(ref, F.linear(h, A2, b2)) <= TOL
 
 
-@settings(SETTINGS, max_examples=100)
+@settings(SETTINGS, max_examples=examples(100))
 @given(geo=conv_geometry(), d=st.integers(1, 5), out=st.integers(1, 4), seed=seeds)
 def test_absorb_input_bias_fails_with_zero_padding(geo, d, out, seed):
     """Why LayerConsumer refuses a pair bias into a zero-padded conv: padded taps see 0 where the
@@ -408,7 +409,7 @@ def layout_and_reshape(draw):
     return start, tuple(shape)
 
 
-@settings(SETTINGS, max_examples=300)
+@settings(SETTINGS, max_examples=examples(300))
 @given(case=layout_and_reshape(), seed=seeds)
 def test_reshape_layout_commutes(case, seed):
     (in_shape, layout), out_shape = case
@@ -442,7 +443,7 @@ def any_reshape(draw):
     return tuple(shape), Layout(axis, d, outer, inner), tuple(out)
 
 
-@settings(SETTINGS, max_examples=300)
+@settings(SETTINGS, max_examples=examples(300))
 @given(case=any_reshape(), seed=seeds)
 def test_reshape_layout_sound_for_any_reshape(case, seed):
     """Whatever reshape: when reshape_layout returns a layout, moving the pair through is exact."""

@@ -117,3 +117,21 @@ def test_identity_init_equals_original(factory):
     paired = surgery.insert_pairs(model, (x,), wide=2.0).eval()
     with torch.no_grad():
         assert max_rel_error(model(x), paired(x)) <= 1e-5
+
+
+def test_mnasnet_version_check_survives_fold_and_checkpoints(tmp_path):
+    """MNASNet's _load_from_state_dict refuses a state without module versions: the fold and a
+    checkpoint load must carry them."""
+    model = torchvision.models.mnasnet0_5(num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    error, thin = _fold_error(model, x)
+    assert error <= 1e-5 and type(thin) is type(model)
+    paired = surgery.insert_pairs(model.eval(), (x,), init="random").eval()
+    path = surgery.save(paired, tmp_path / "paired.safetensors", source="torchvision.models:mnasnet0_5",
+                        kwargs={"num_classes": 10})  # fmt: skip
+    surgery.fold_checkpoint(path, tmp_path / "thin.safetensors")
+    loaded = surgery.load(
+        tmp_path / "thin.safetensors", into=torchvision.models.mnasnet0_5(num_classes=10)
+    )
+    with torch.no_grad():
+        assert max_rel_error(paired(x), loaded(x)) <= 1e-5

@@ -199,3 +199,35 @@ def test_transformer_encoder_packed_in_proj_folds(batch_first, bias):
     _fold_exact(
         model, (x,), lambda: EncoderModel(batch_first), bias=bias, onnx=batch_first and not bias
     )
+
+
+def test_mixture_of_experts_gets_attention_sites_and_folds_exactly():
+    """A rank-0 transpose on the router path once crashed capture; the attention sites fold."""
+    config = transformers.MixtralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, use_cache=False,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(config).eval()
+    ids = IDS[:, :8] % 100
+    table = surgery.find_blocks(model, (ids,))
+    assert {"model.layers.0.self_attn", "model.layers.1.input_layernorm"} <= {
+        b.name for b in table.foldable
+    }
+    paired = surgery.insert_pairs(model, (ids,), init="random").eval()
+    thin = surgery.fold(paired)
+    with torch.no_grad():
+        assert max_rel_error(paired(ids).logits, thin(ids).logits) <= 1e-5
+        assert max_rel_error(model(ids).logits, thin(ids).logits) > 1e-4
+
+
+def test_encoder_decoder_refusal_names_why():
+    config = transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, use_cache=False,
+    )  # fmt: skip
+    model = transformers.BartForConditionalGeneration(config).eval()
+    ids = IDS[:, :8] % 100
+    with pytest.raises(surgery.PlanError, match=r"no tensor carries all the activation flow"):
+        surgery.insert_pairs(model, (ids,))
+    assert "encoder-decoder" in str(surgery.find_blocks(model, (ids,)))

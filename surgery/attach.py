@@ -1,0 +1,97 @@
+"""From chosen boundaries to a Plan, and from a Plan to a model with its pairs attached.
+
+Shared by insert_pairs (the user's pairs) and the numeric self-check (random pairs on every
+candidate site), so both build paired models the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from surgery.rewrites.insert import attach
+
+from .blocks import BlockTable, Boundary
+from .errors import PlanError
+from .pairs import INITS, Pair, PairDict
+from .plan import PROBE_ONLY, Plan, Route, Site, pair_param_name, pair_roles
+
+Chosen = list[tuple[Boundary, int, bool]]  # boundary, D, probe only
+
+
+def build_plan(table: BlockTable, chosen: Chosen, bias: bool) -> Plan:
+    """The Plan for the chosen boundaries (D each; probe-only or folding), in the order given."""
+    sites: list[Site] = []
+    names = [b.name for b, _, _ in chosen]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise PlanError(f"sites {twice} are named twice (in sites and probes, or by two aliases)")
+    for boundary, D, probe_only in chosen:
+        key = boundary.name.replace(".", "_").replace(":", "__")
+        while any(s.key == key for s in sites):
+            key += "_"
+        route = None if probe_only else boundary.route
+        params = {role: pair_param_name(key, role) for role in pair_roles(route is None, bias)}
+        sites.append(
+            Site(
+                name=boundary.name,
+                tensor=boundary.tensor,
+                shape=list(boundary.shape),
+                feature_axis=boundary.feature_axis,
+                d=boundary.width,
+                D=D,
+                bias=bias,
+                route=route or Route(PROBE_ONLY, [], [], []),
+                probe=boundary.probe,
+                key=key,
+                params=params,
+            )
+        )
+    flow = table.flow
+    return Plan(flow.model_class, flow.method, [list(s) for s in flow.example_shapes], sites)
+
+
+def apply_plan(
+    model: nn.Module, plan: Plan, *, init: str | Callable[[Pair, Site], None] = "identity"
+) -> nn.Module:
+    """A copy of `model` with the pairs of `plan` attached (e.g. to rebuild a paired model whose
+    state_dict was saved: apply the saved plan to a fresh model, then load the state_dict)."""
+    paired = copy.deepcopy(model)
+    device, dtype = _device_dtype(model)
+    init_fn = _init_fn(init)
+    pairs = {}
+    for site in plan.sites:
+        pair = Pair(
+            site.d,
+            site.D,
+            bias=site.bias,
+            narrow=site.route.kind != PROBE_ONLY,
+            device=device,
+            dtype=dtype,
+        )
+        if device.type != "meta":
+            init_fn(pair, site)
+        pairs[site.name] = (site.key, pair)
+    attach(paired, plan, PairDict(pairs))
+    paired.plan = plan
+    return paired
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _init_fn(init: str | Callable[[Pair, Site], None]) -> Callable[[Pair, Site], None]:
+    if callable(init):
+        return init
+    if init not in INITS:
+        raise PlanError(
+            f"init must be one of {', '.join(INITS)} or a callable(pair, site), got {init!r}"
+        )
+    return INITS[init]

@@ -1,0 +1,197 @@
+"""The numeric self-check: every site the rules would offer is proven on the user's own model first.
+
+Random non-identity pairs go on all candidate sites at once; the paired and the folded forward are
+compared on the example inputs in float64 (float32 with a looser tolerance when the model cannot run
+in float64). When they differ beyond rounding, bisection finds the sites responsible and exactly
+those are refused, with the measured error and the modules on their route. Defence in depth behind
+the rules' property tests: an op the rules misjudge is refused, never folded wrong. The user's model
+and the global RNG state are untouched (a float64 copy, a forked RNG).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attach import apply_plan, build_plan
+from .blocks import NOT_CHECKED, BlockTable, Boundary
+from .fold import fold
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3}  # normwise relative; ~1e7 roundings each
+# a site whose check would cost more float64 multiply-adds than this is reported unchecked (VGG's
+# 25088 x 4096 classifier: ~4e11): raise it to check those too
+SITE_FLOP_BUDGET = 2e10
+CHECK_RANK = 32  # the rank of the checking pairs' W (see check_width)
+
+
+def self_check(model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> BlockTable:
+    """Run the numeric check on every foldable boundary of `table` (in place; returned for
+    chaining): each gets `checked` = the measured error, or is refused (`route` None) with the
+    reason. On the meta device, or with no floating weights, each says it was not checked."""
+    candidates = [b for b in table if b.foldable]
+    if any(p.device.type == "meta" for p in [*model.parameters(), *model.buffers()]):
+        for boundary in candidates:
+            boundary.checked = f"{NOT_CHECKED} (meta device: no weights)"
+        return table
+    sizes = {name: p.numel() for name, p in model.named_parameters(remove_duplicate=False)}
+    for boundary in candidates:
+        cost = fold_flops(boundary, sizes)
+        if cost > SITE_FLOP_BUDGET:
+            boundary.checked = (
+                f"{NOT_CHECKED}: its float64 fold costs {cost:.0e} flop, over "
+                f"surgery.selfcheck.SITE_FLOP_BUDGET ({SITE_FLOP_BUDGET:.0e})"
+            )
+    candidates = [b for b in candidates if not b.checked]
+    if not candidates:
+        return table
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        probe = _Probe(model, inputs, table)
+        joint, _ = probe.error(candidates)
+        refused = _bisect(probe, candidates, joint)
+        if refused:
+            kept = [b for b in candidates if b.name not in refused]
+            joint, _ = probe.error(kept) if kept else (0.0, "")
+            if joint > probe.tolerance:  # exact alone, not together
+                refused.update(_greedy(probe, kept))
+                kept = [b for b in candidates if b.name not in refused]
+                joint, _ = probe.error(kept) if kept else (0.0, "")
+    for boundary in candidates:
+        if boundary.name in refused:
+            measured, why = refused[boundary.name]
+            boundary.reason = (
+                f"numeric check failed: rel err {measured:.1e} through "
+                f"{', '.join(_modules(boundary)) or boundary.name}" + (f" ({why})" if why else "")
+            )
+            boundary.route = None
+            boundary.checked = f"failed: rel err {measured:.1e}"
+        else:
+            boundary.checked = f"checked: rel err {joint:.0e} ({probe.dtype_name})"
+    return table
+
+
+class _Probe:
+    """A float64 eval copy of the model, ready to measure random-pair folds; a float32 copy (and its
+    looser tolerance) when the model cannot run in float64."""
+
+    def __init__(self, model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> None:
+        self.table, self.original, self.original_inputs = table, model, inputs
+        self.model = copy.deepcopy(model).eval().double()
+        self.inputs = tuple(
+            x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in inputs
+        )
+        self.dtype_name, self.tolerance = "float64", TOLERANCE[torch.float64]
+        self.tried = False
+
+    def _fall_back_if_float64_fails(self) -> bool:
+        """On the first failure: if the plain model cannot run in float64 (float32 constants made
+        inside forward, ...), switch to float32 and say so (True: retry)."""
+        if self.tried or self.dtype_name != "float64":
+            return False
+        self.tried = True
+        try:
+            with torch.no_grad():
+                self.model(*self.inputs)
+            return False
+        except Exception:  # noqa: BLE001 - any dtype trouble: run as the user runs it
+            self.model, self.inputs = copy.deepcopy(self.original).eval(), self.original_inputs
+            self.dtype_name, self.tolerance = "float32", TOLERANCE[torch.float32]
+            return True
+
+    def error(self, sites: Sequence[Boundary]) -> tuple[float, str]:
+        """Normwise relative error of fold vs paired with random pairs on `sites` (inf and the
+        error's text when building, folding or running them fails)."""
+        chosen = [(b, check_width(b.width), False) for b in sites]
+        try:
+            paired = apply_plan(
+                self.model, build_plan(self.table, chosen, self.table.bias), init="random"
+            )
+            paired.eval()
+            thin = fold(paired)
+            with torch.no_grad():
+                reference, folded = _leaves(paired(*self.inputs)), _leaves(thin(*self.inputs))
+        except Exception as error:  # noqa: BLE001 - any failure refuses the sites, with its text
+            if self._fall_back_if_float64_fails():
+                return self.error(sites)
+            return math.inf, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+        if len(reference) != len(folded):
+            return math.inf, "the folded model returns other outputs"
+        errors = [_relative(a, b) for a, b in zip(reference, folded, strict=True)]
+        return max(errors, default=0.0), ""
+
+
+def _bisect(
+    probe: _Probe, sites: Sequence[Boundary], measured: float | None = None, why: str = ""
+) -> dict[str, tuple[float, str]]:
+    """The sites whose fold is off on their own or within their half (error, text), by bisection;
+    `measured`: the error of `sites` together when already known."""
+    if measured is None:
+        measured, why = probe.error(sites)
+    if measured <= probe.tolerance:
+        return {}
+    if len(sites) == 1:
+        return {sites[0].name: (measured, why)}
+    half = len(sites) // 2
+    return {**_bisect(probe, sites[:half]), **_bisect(probe, sites[half:])}
+
+
+def _greedy(probe: _Probe, sites: Sequence[Boundary]) -> dict[str, tuple[float, str]]:
+    """Sites that are exact alone but not together: keep them in order while the set stays exact."""
+    kept: list[Boundary] = []
+    refused = {}
+    for boundary in sites:
+        measured, why = probe.error([*kept, boundary])
+        if measured <= probe.tolerance:
+            kept.append(boundary)
+        else:
+            refused[boundary.name] = (measured, why or "only together with earlier sites")
+    return refused
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    """The floating tensors of a model output (tensor, tuple, dict or Hugging Face ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        return [t for value in output.values() for t in _leaves(value)]
+    if isinstance(output, (list, tuple)):
+        return [t for value in output for t in _leaves(value)]
+    return []
+
+
+def _relative(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    ref, cand = reference.double(), candidate.double()
+    if ref.shape != cand.shape:
+        return math.inf
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    error = (ref - cand).abs().max().item() if ref.numel() else 0.0
+    return error / scale if scale > 0 else error
+
+
+def check_width(d: int) -> int:
+    """D of a checking pair: W = M2 M1 is random of rank min(d, CHECK_RANK). The rules are linear in
+    W, and a nonzero linear discrepancy is nonzero at a random low-rank W (with probability 1), so a
+    low rank proves as much as a full one at d^2 CHECK_RANK instead of d^3 for the product."""
+    return min(d, CHECK_RANK)
+
+
+def fold_flops(boundary: Boundary, sizes: dict[str, int]) -> float:
+    """Multiply-adds of checking one site: the pair product and each absorbing weight times d (an
+    upper bound for the bias and BatchNorm targets)."""
+    d = boundary.width
+    route = boundary.route
+    names = {n for t in route.targets for n in t.params.values()} if route is not None else set()
+    return float(d) * d * check_width(d) + d * sum(sizes.get(name, 0) for name in names)
+
+
+def _modules(boundary: Boundary) -> list[str]:
+    """The modules whose parameters absorb the boundary's pair."""
+    route = boundary.route
+    names = route.absorbed_by if route is not None else []
+    return list(dict.fromkeys(name.rpartition(".")[0] or name for name in names))

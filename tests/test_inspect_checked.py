@@ -1,0 +1,55 @@
+"""`surgery inspect` as a user runs it: every site of a torchvision, timm and Hugging Face model says
+it was numerically checked, with the measured error; a BatchNorm subclass that applies an
+activation is never folded through."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from surgery.cli.main import main
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+
+def _inspect(capsys, *args: str) -> list[str]:
+    assert main(["inspect", *args]) == 0
+    out = capsys.readouterr().out
+    return [line for line in out.splitlines() if re.match(r"│ +\d+ ", line)]
+
+
+def _site_rows(rows: list[str]) -> list[list[str]]:
+    return [[cell.strip() for cell in row.strip("│").split("│")] for row in rows]
+
+
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        ("torchvision.models:resnet18", "1x3x32x32"),
+        ("timm.models:mobilenetv3_small_050", "1x3x32x32"),
+    ],
+)
+def test_inspect_says_every_site_was_checked(capsys, model, shape):
+    rows = _site_rows(_inspect(capsys, model, "--input-shape", shape))
+    folding = [r for r in rows if not r[6].startswith("refused")]
+    assert folding and all(r[7].startswith("checked: rel err") for r in folding), rows
+    assert all(float(r[7].split()[3]) <= 1e-9 for r in folding)
+
+
+def test_inspect_of_a_hugging_face_config_is_checked(capsys, tmp_path):
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=100,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path)
+    rows = _site_rows(_inspect(capsys, str(tmp_path), "--input-shape", "1x8"))
+    folding = [r for r in rows if not r[6].startswith("refused")]
+    assert folding and all(r[7].startswith("checked: rel err") for r in folding)
+
+
+def test_inspect_never_folds_through_a_batchnorm_that_applies_an_activation(capsys):
+    rows = _site_rows(_inspect(capsys, "small_models:bn_act_net", "--input-shape", "2x3x8x8"))
+    assert not any("producer through BatchNorm" in r[6] for r in rows)
+    after_bn = next(r for r in rows if r[1] == "1")
+    assert after_bn[6].startswith("refused") or after_bn[7].startswith("checked")
