@@ -6,13 +6,14 @@ candidate site), so both build paired models the same way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from surgery.rewrites.insert import attach
+from surgery.rewrites.insert import attach, detach
 
 from .blocks import BlockTable, Boundary
 from .errors import PlanError
@@ -60,6 +61,28 @@ def apply_plan(
     """A copy of `model` with the pairs of `plan` attached (e.g. to rebuild a paired model whose
     state_dict was saved: apply the saved plan to a fresh model, then load the state_dict)."""
     paired = copy.deepcopy(model)
+    attach(paired, plan, make_pairs(model, plan, init))
+    paired.plan = plan
+    return paired
+
+
+@contextlib.contextmanager
+def attached(
+    model: nn.Module, plan: Plan, *, init: str | Callable[[Pair, Site], None] = "identity"
+) -> Iterator[nn.Module]:
+    """`model` itself with the plan's pairs attached for the duration of the block, then detached
+    again (no copy: for short-lived paired forwards such as the self-check's)."""
+    attach(model, plan, make_pairs(model, plan, init))
+    try:
+        yield model
+    finally:
+        detach(model)
+
+
+def make_pairs(
+    model: nn.Module, plan: Plan, init: str | Callable[[Pair, Site], None] = "identity"
+) -> PairDict:
+    """The plan's pairs on `model`'s device and dtype, initialised by `init` (not on meta)."""
     device, dtype = _device_dtype(model)
     init_fn = _init_fn(init)
     pairs = {}
@@ -75,9 +98,7 @@ def apply_plan(
         if device.type != "meta":
             init_fn(pair, site)
         pairs[site.name] = (site.key, pair)
-    attach(paired, plan, PairDict(pairs))
-    paired.plan = plan
-    return paired
+    return PairDict(pairs)
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
