@@ -11,13 +11,14 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from surgery import win
 from surgery.report import render_table
+from surgery.win.loop import calibration
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -42,48 +43,105 @@ class Setup:
     optimizer: str = "sgd"
     loss: str = "nmse"  # imitation loss (scale-free; the paper's plain "mse" needs per-model learning rates)
     lower_is_better: bool = False  # the metric's direction (bits/char: lower)
+    recipe: dict = field(default_factory=dict)  # further win.Recipe fields of the default recipe
+    kd_lr: float | None = None  # KD from a random start (default: lr, like vanilla)
+    eval_every: int = 0  # >0: evaluate every so many steps for "steps to vanilla's final metric"
+    teacher_lr: float | None = None
 
 
 def _methods(
-    setup: Setup, teacher: nn.Module, n_stages: int
+    setup: Setup, teacher: nn.Module, n_stages: int, track: Callable[[str], Callable]
 ) -> dict[str, Callable[[nn.Module], nn.Module]]:
     per_stage = max(1, int(setup.steps * setup.imitation_fraction) // n_stages)
     finetune = setup.steps - per_stage * n_stages
 
     def vanilla(s):
-        win.train(s, setup.batches, setup.steps, lr=setup.lr, optimizer=setup.optimizer)
+        win.train(
+            s,
+            setup.batches,
+            setup.steps,
+            lr=setup.lr,
+            optimizer=setup.optimizer,
+            callback=track("thin vanilla"),
+        )
         return s
 
-    def kd(s, lr=setup.lr):
-        win.train(s, setup.batches, setup.steps, lr=lr, teacher=teacher, optimizer=setup.optimizer)
+    def kd(s):
+        r = win.Recipe(**setup.recipe)  # the same KD loss as WIN's fine-tuning
+        win.train(
+            s,
+            setup.batches,
+            setup.steps,
+            lr=setup.kd_lr or setup.lr,
+            teacher=teacher,
+            kd_weight=r.kd_weight,
+            temperature=r.temperature,
+            optimizer=setup.optimizer,
+            callback=track("thin KD"),
+        )
         return s
 
-    def recipe(sampled: bool) -> win.Recipe:
-        return win.Recipe(
+    def recipe(name: str, **changes) -> win.Recipe:
+        fields = dict(
             stages=setup.stages,
             imitation_steps=per_stage,
             finetune_steps=finetune,
             imitation_lr=setup.imitation_lr or setup.lr,
             finetune_lr=setup.finetune_lr,
-            sampled_start=sampled,
+            sampled_start=setup.sampled_start,
             optimizer=setup.optimizer,
             loss=setup.loss,
+            callback=track(name),
         )
+        fields.update(setup.recipe)
+        fields.update(changes)
+        return win.Recipe(**fields)
 
     def full_win(s):
-        return win.win(s, teacher, setup.batches, setup.example, recipe(setup.sampled_start)).thin
+        return win.win(s, teacher, setup.batches, setup.example, recipe("thin WIN")).thin
 
     def sampled_kd(s):
-        win.sample_from_teacher(s, teacher, setup.example)
-        return kd(s, lr=setup.finetune_lr)  # a warm start is fine-tuned, like WIN's stage 3
+        r = recipe("ablation: sampled start + KD, no imitation")
+        refit = r.sample_refit
+        win.sample_from_teacher(
+            s,
+            teacher,
+            setup.example,
+            scale=r.sample_scale,
+            refit=calibration(setup.batches, refit) if refit else None,
+        )
+        # the same start and the same fine-tuning as WIN's, over the whole budget
+        win.train(
+            s,
+            setup.batches,
+            setup.steps,
+            lr=r.finetune_lr,
+            momentum=r.momentum,
+            weight_decay=r.weight_decay,
+            teacher=teacher,
+            kd_weight=r.kd_weight,
+            temperature=r.temperature,
+            optimizer=setup.optimizer,
+            callback=r.callback,
+        )
+        return s
 
     def random_imitation(s):
-        return win.win(s, teacher, setup.batches, setup.example, recipe(False)).thin
+        name = "ablation: imitation from a random start + KD"
+        return win.win(
+            s, teacher, setup.batches, setup.example, recipe(name, sampled_start=False)
+        ).thin
+
+    def plain_mse(s):
+        name = "ablation: WIN with the paper's plain MSE"
+        return win.win(s, teacher, setup.batches, setup.example, recipe(name, loss="mse")).thin
 
     methods = {"thin vanilla": vanilla, "thin KD": kd, "thin WIN": full_win}
     if setup.sampled_start:
         methods["ablation: sampled start + KD, no imitation"] = sampled_kd
         methods["ablation: imitation from a random start + KD"] = random_imitation
+    if (setup.recipe.get("loss") or setup.loss) != "mse":
+        methods["ablation: WIN with the paper's plain MSE"] = plain_mse
     return methods
 
 
@@ -91,18 +149,37 @@ def run(setup: Setup, seeds: Sequence[int], metric: str) -> str:
     """Train everything for each seed and return the table (mean +- std over seeds)."""
     scores: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
+    curves: dict[str, list[list[tuple[int, float]]]] = {}  # name -> per seed [(step, metric)]
+
+    def track(name: str) -> Callable | None:
+        if not setup.eval_every:
+            return None
+        curve: list[tuple[int, float]] = []
+        curves.setdefault(name, []).append(curve)
+
+        def callback(model: nn.Module, step: int) -> None:
+            if step % setup.eval_every == 0 or step == setup.steps:
+                curve.append((step, setup.evaluate(model.eval())))
+
+        return callback
+
     for seed in seeds:
         torch.manual_seed(seed)
         student0 = setup.make_student()
         teacher = win.widen(student0, setup.teacher_factor, setup.example)
         start = time.perf_counter()
         win.train(
-            teacher, setup.batches, setup.teacher_steps, lr=setup.lr, optimizer=setup.optimizer
+            teacher,
+            setup.batches,
+            setup.teacher_steps,
+            lr=setup.teacher_lr or setup.lr,
+            optimizer=setup.optimizer,
         )
         seconds["teacher"] = seconds.get("teacher", 0) + time.perf_counter() - start
-        scores.setdefault("teacher (2x wide)", []).append(setup.evaluate(teacher.eval()))
+        teacher_name = f"teacher ({setup.teacher_factor:g}x wide)"
+        scores.setdefault(teacher_name, []).append(setup.evaluate(teacher.eval()))
         n_stages = len(win.plan_stages(student0, teacher, setup.example, setup.stages))
-        for name, method in _methods(setup, teacher, n_stages).items():
+        for name, method in _methods(setup, teacher, n_stages, track).items():
             torch.manual_seed(seed + 1)
             start = time.perf_counter()
             trained = method(copy.deepcopy(student0))
@@ -111,32 +188,84 @@ def run(setup: Setup, seeds: Sequence[int], metric: str) -> str:
         print(
             f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in scores.items()), flush=True
         )
-    vanilla = statistics.mean(scores["thin vanilla"])
-    teacher_mean = statistics.mean(scores["teacher (2x wide)"])
+    return table(setup, scores, seconds, curves, len(seeds), metric)
+
+
+def _better(a: float, b: float, lower: bool) -> bool:
+    return a < b if lower else a > b
+
+
+def steps_to(curve: list[tuple[int, float]], target: float, lower: bool) -> int | None:
+    """The first evaluated step at which the metric is at least as good as `target`."""
+    for step, value in curve:
+        if value == target or _better(value, target, lower):
+            return step
+    return None
+
+
+def table(setup, scores, seconds, curves, n_seeds: int, metric: str) -> str:
+    lower = setup.lower_is_better
+    teacher_name = next(k for k in scores if k.startswith("teacher"))
+    vanilla_runs = scores["thin vanilla"]
+    vanilla = statistics.mean(vanilla_runs)
+    teacher_mean = statistics.mean(scores[teacher_name])
     # a gap exists only when the teacher beats vanilla; an undertrained teacher has none to close
-    teacher_better = teacher_mean < vanilla if setup.lower_is_better else teacher_mean > vanilla
+    teacher_better = _better(teacher_mean, vanilla, lower)
+    every_seed = all(
+        _better(t, v, lower) for t, v in zip(scores[teacher_name], vanilla_runs, strict=True)
+    )
     rows = []
     for name, values in scores.items():
         mean = statistics.mean(values)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        gap = (
-            (mean - vanilla) / (teacher_mean - vanilla)
-            if name.startswith(("thin", "ablation")) and teacher_better
-            else None
-        )
+        student = name.startswith(("thin", "ablation"))
+        gap = (mean - vanilla) / (teacher_mean - vanilla) if student and teacher_better else None
+        versus = ""
+        if student and name != "thin KD" and len(values) > 1:
+            diff = [a - b for a, b in zip(values, scores["thin KD"], strict=True)]
+            versus = f"{statistics.mean(diff):+.4f} +- {statistics.stdev(diff):.4f}"
+        reach = ""
+        if name in curves and name != "thin vanilla":
+            found = [steps_to(c, v, lower) for c, v in zip(curves[name], vanilla_runs, strict=True)]
+            hit = [f for f in found if f is not None]
+            reach = (
+                f"{statistics.mean(hit):.0f} ({100 * statistics.mean(hit) / setup.steps:.0f}%)"
+                if len(hit) == len(found)
+                else f"{len(hit)}/{len(found)} seeds"
+            )
+        elif name == "thin vanilla" and name in curves:
+            reach = f"{setup.steps} (100%)"
         rows.append(
             [
                 name,
                 f"{mean:.4f} +- {std:.4f}",
                 "" if gap is None else f"{100 * gap:+.0f}%",
-                f"{seconds.get(name.split(' (')[0] if name.startswith('teacher') else name, 0) / len(seeds):.0f}",
+                versus,
+                reach,
+                f"{seconds.get('teacher' if name == teacher_name else name, 0) / n_seeds:.0f}",
             ]
         )
+    caption = (
+        "per-seed difference to KD: mean +- std over seeds; steps to vanilla's final metric: mean "
+        "over seeds of the first evaluated student step (every "
+        f"{setup.eval_every}) at which the run matches that seed's final vanilla metric"
+        if setup.eval_every
+        else None
+    )
+    if not teacher_better:
+        caption = "no gap to close: the teacher is not better than the thin vanilla student"
+    elif not every_seed:
+        caption = (caption or "") + "; the teacher is NOT better than vanilla in every seed"
     return render_table(
-        f"{metric}: mean +- std over {len(seeds)} seeds, every student {setup.steps} steps",
-        ["model", metric, "gap closed (vanilla -> teacher)", "s / seed"],
+        f"{metric}: mean +- std over {n_seeds} seeds, every student {setup.steps} steps",
+        [
+            "model",
+            metric,
+            "gap closed (vanilla -> teacher)",
+            "minus KD (per seed)",
+            "steps to vanilla's final",
+            "s / seed",
+        ],
         rows,
-        caption=None
-        if teacher_better
-        else "no gap to close: the teacher is not better than the thin vanilla student",
+        caption=caption,
     )

@@ -13,6 +13,7 @@ import torch
 import torchvision
 from conftest import max_rel_error
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from win_models import DeepThin, synthetic_batches
 
 import surgery
@@ -129,7 +130,7 @@ def test_least_squares_start_fits_the_teacher_and_keeps_the_function(trained_tea
 
 def test_sampled_start_copies_scaled_teacher_neurons(trained_teacher):
     student = win.sample_from_teacher(
-        DeepThin(), trained_teacher, X, generator=torch.Generator().manual_seed(0)
+        DeepThin(), trained_teacher, X, generator=torch.Generator().manual_seed(0), scale="fan_in"
     )
     stem_t, stem_s = trained_teacher.stem.weight, student.stem.weight
     rows = [i for i in range(16) if any(torch.equal(stem_t[i], stem_s[j]) for j in range(8))]
@@ -268,3 +269,113 @@ def test_training_in_premerged_mode_follows_the_plain_trajectory(policy):
     assert not any(pair.premerged for pair in twin.pairs.values())  # the mode ends with the loop
     for (name, p), q in zip(paired.named_parameters(), twin.parameters(), strict=True):
         assert max_rel_error(p, q) <= 1e-5, name
+
+
+def _rows(student, teacher):
+    """The teacher's residual channels the student's were sampled from (found through the stem)."""
+    return [
+        i
+        for i in range(teacher.stem.weight.shape[0])
+        if any(torch.equal(teacher.stem.weight[i], w) for w in student.stem.weight)
+    ]
+
+
+def test_sample_scale_options_and_refit(trained_teacher):
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    fan_in = win.sample_from_teacher(DeepThin(), trained_teacher, X, generator=g(), scale="fan_in")
+    plain = win.sample_from_teacher(DeepThin(), trained_teacher, X, generator=g())  # the default
+    assert torch.equal(
+        plain.head.weight, trained_teacher.head.weight[:, _rows(plain, trained_teacher)]
+    )
+    root = win.sample_from_teacher(DeepThin(), trained_teacher, X, generator=g(), scale="sqrt")
+    assert torch.allclose(fan_in.head.weight, plain.head.weight * 2)
+    assert torch.allclose(root.head.weight, plain.head.weight * 2**0.5)
+    assert torch.equal(fan_in.stem.weight, plain.stem.weight)  # the model's input: never scaled
+    with pytest.raises(surgery.PlanError):
+        win.sample_from_teacher(DeepThin(), trained_teacher, X, scale="bogus")
+    # refit: each layer reproduces the teacher's sampled channels better than the plain copy
+    calibration = torch.cat([b[0] for b in synthetic_batches()])
+    refit = win.sample_from_teacher(
+        DeepThin(), trained_teacher, X, generator=g(), scale="none", refit=calibration
+    )
+    with torch.no_grad():
+        logits = trained_teacher.train()(calibration)
+        trained_teacher.eval()
+        errors = [
+            nn.functional.mse_loss(m.train()(calibration), logits).item() for m in (plain, refit)
+        ]
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("loss", ["ln", "std"])
+def test_normalised_imitation_losses_are_scale_free(trained_teacher, loss):
+    paired = surgery.insert_pairs(
+        DeepThin(), X, wide=win.teacher_widths(trained_teacher, X, ["blocks.0"]), sites=["blocks.0"]
+    )
+    imitation = win.Imitation(paired, trained_teacher, X, sites=["blocks.0"], loss=loss)
+    before = imitation(X).item()
+    with torch.no_grad():
+        paired.pairs["blocks.0"].widen.weight.mul_(7.0)  # rescaling the probe changes nothing
+    assert imitation(X).item() == pytest.approx(before, rel=1e-4)
+
+
+def test_imitation_with_earlier_blocks_at_reduced_lr_and_warmup(trained_teacher):
+    stages = [["blocks.0"], ["blocks.2"]]
+    sites = ["blocks.0", "blocks.2"]
+    paired = surgery.insert_pairs(
+        DeepThin(), X, wide=win.teacher_widths(trained_teacher, X, sites), sites=sites
+    )
+    frozen = copy.deepcopy(paired)
+    batches = synthetic_batches()
+    win.imitate(frozen, trained_teacher, batches, X, stages, 5, earlier_lr=0.0, warmup=0.2)
+    # stage 2 left the first stage's block alone (frozen) but trained its own
+    once = copy.deepcopy(paired)
+    win.imitate(once, trained_teacher, batches, X, stages[:1], 5, earlier_lr=0.0, warmup=0.2)
+    assert torch.equal(frozen.blocks[0].conv.weight, once.blocks[0].conv.weight)
+    assert not torch.equal(frozen.blocks[2].conv.weight, paired.blocks[2].conv.weight)
+    slow = copy.deepcopy(paired)
+    win.imitate(slow, trained_teacher, batches, X, stages, 5, earlier_lr=0.1, warmup=0.2)
+    assert not torch.equal(slow.blocks[0].conv.weight, once.blocks[0].conv.weight)
+    result = win.win(
+        DeepThin(),
+        trained_teacher,
+        batches,
+        X,
+        win.Recipe(
+            stages=stages,
+            imitation_steps=3,
+            finetune_steps=3,
+            sampled_start=True,
+            sample_refit=64,
+            sample_scale="none",
+            loss="ln",
+            earlier_lr=0.1,
+            imitation_warmup=0.3,
+        ),
+    )
+    assert type(result.thin) is DeepThin
+
+
+@pytest.mark.parametrize(
+    "merge, steps, share", [("after_finetune", 37, 0.1), ("after_imitation", 23, 0.3)]
+)
+def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge, steps, share):
+    counted = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: counted.append(1))
+    try:
+        recipe = win.Recipe(
+            steps=steps, imitation_share=share, stages=[["blocks.0"], ["blocks"]], merge=merge,
+            sampled_start=True,
+        )  # fmt: skip
+        result = win.win(DeepThin(), trained_teacher, synthetic_batches(), X, recipe)
+    finally:
+        handle.remove()
+    assert len(counted) == steps
+    imitated = sum(len(v) for k, v in result.log.stages.items() if k.startswith("imitate"))
+    assert (
+        imitated == round(steps * share) and len(result.log.stages["fine-tune"]) == steps - imitated
+    )
+    with pytest.raises(surgery.PlanError, match="restarts"):
+        win.win(
+            DeepThin(), trained_teacher, synthetic_batches(), X, win.Recipe(steps=10, restarts=1)
+        )

@@ -108,7 +108,12 @@ LOSSES = (
     "mse",
     "nmse",
     "kl",
-)  # paper's MSE; MSE over the teacher's mean square; KL over the features
+    "ln",
+    "std",
+)
+# the paper's MSE; MSE over the teacher's mean square; KL over the features; MSE after a LayerNorm
+# without parameters over the feature axis of both sides (MobileBERT); MSE after standardising each
+# channel of both sides over the batch (and positions)
 
 
 class Imitation:
@@ -144,6 +149,7 @@ class Imitation:
                 )
             self.teacher_placements[s] = block.probe
         self.last: dict[str, float] = {}
+        self.feature_axis = {s: plan.site(s).feature_axis for s in self.sites}
 
     def teacher_outputs(self, *inputs: Any) -> dict[str, torch.Tensor]:
         """The teacher's tensors at the mapped blocks (no grad; the forward stops after the last)."""
@@ -173,7 +179,7 @@ class Imitation:
             finally:
                 if stop is not None:
                     stop.remove()
-            losses = {s: self._loss(probes[s], targets[s]) for s in self.sites}
+            losses = {s: self._loss(probes[s], targets[s], s) for s in self.sites}
         self.last = {s: float(v.detach()) for s, v in losses.items()}
         total = sum(losses.values())
         if (
@@ -195,7 +201,7 @@ class Imitation:
             else module.register_forward_pre_hook(stop)
         )
 
-    def _loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def _loss(self, student: torch.Tensor, teacher: torch.Tensor, site: str = "") -> torch.Tensor:
         if student.shape != teacher.shape:
             raise PlanError(
                 f"probe shape {tuple(student.shape)} differs from the teacher's {tuple(teacher.shape)}: "
@@ -203,6 +209,11 @@ class Imitation:
             )
         if self.loss == "mse":
             return F.mse_loss(student, teacher)
+        if self.loss in ("ln", "std"):
+            axis = self.feature_axis.get(site, 1 if student.dim() > 2 else -1)
+            return F.mse_loss(
+                _normalise(student, axis, self.loss), _normalise(teacher, axis, self.loss)
+            )
         if (
             self.loss == "nmse"
         ):  # scale-free: the same learning rate works whatever the features' scale
@@ -214,6 +225,16 @@ class Imitation:
             log_target=True,
             reduction="batchmean",
         )
+
+
+def _normalise(x: torch.Tensor, axis: int, how: str, eps: float = 1e-5) -> torch.Tensor:
+    """ "ln": zero mean, unit variance over the feature axis at every position; "std": the same per
+    channel over every other axis (the batch and positions)."""
+    axis = axis % x.dim()
+    dims = (axis,) if how == "ln" else tuple(i for i in range(x.dim()) if i != axis)
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, keepdim=True, unbiased=False)
+    return (x - mean) * torch.rsqrt(var + eps)
 
 
 def _tensor_leaves(out: Any) -> list[torch.Tensor]:

@@ -68,10 +68,20 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 def _optimizer(
-    model: nn.Module, steps: int, lr: float, momentum: float, weight_decay: float, kind: str = "sgd"
+    model: nn.Module,
+    steps: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    kind: str = "sgd",
+    warmup: float = 0.0,
+    params: Any = None,
 ):
-    """SGD with momentum (the paper's ResNet recipe) or AdamW (transformers), cosine-decayed to 0."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """SGD with momentum (the paper's ResNet recipe) or AdamW (transformers), cosine-decayed to 0,
+    after a linear warm-up over the first `warmup` share of the steps (0: none). `params`: parameter
+    groups (each may carry its own "lr"); default every trainable parameter of `model`."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     if kind == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     elif kind == "adam":
@@ -79,9 +89,14 @@ def _optimizer(
     else:
         raise PlanError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     # cosine decay from lr to 0 within the stage (the paper's schedule for stages 2 and 3)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
-    )
+    warm = int(round(warmup * steps))
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(s - warm, steps - warm) / max(steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return opt, sched
 
 
@@ -147,10 +162,13 @@ def train(
     stage: str = "train",
     optimizer: str = "sgd",
     premerged: bool | str = "auto",
+    callback: Callable[[nn.Module, int], Any] | None = None,
 ) -> list[float]:
     """Supervised training (teacher=None: stage 1, the vanilla baseline) or fine-tuning with labels
     plus KD from a frozen teacher's logits (stage 3; kd_weight=1 is the paper's KL-only loss).
-    A paired model trains in pre-merged mode with this policy (surgery.set_premerged; False: off)."""
+    A paired model trains in pre-merged mode with this policy (surgery.set_premerged; False: off).
+    callback(model, step) runs after every step (step counts from 1; e.g. to evaluate: the model is
+    put back in training mode after it)."""
     net = _wrap(model)
     net.train()
     opt, sched = _optimizer(net, steps, lr, momentum, weight_decay, optimizer)
@@ -178,6 +196,9 @@ def train(
             if log is not None:
                 log.add(stage, losses[-1])
             progress.update(task, advance=1, description=f"{stage} (loss {losses[-1]:.4f})")
+            if callback is not None:
+                callback(model, len(losses))
+                net.train()
     return losses
 
 
@@ -198,12 +219,20 @@ def imitate(
     seed: int = 0,
     optimizer: str = "sgd",
     premerged: bool | str = "auto",
+    earlier_lr: float = 1.0,
+    warmup: float = 0.0,
+    reset_narrow: bool = False,
 ) -> dict[str, float]:
     """Stage 2: stage by stage (each a chunk of consecutive sites), train the student prefix so that
     each site's probe M1(h) matches the teacher's block output; teacher frozen; cosine lr per stage.
     With restarts, the newest block is re-initialised and the run that mimics best is kept.
     The sites being imitated run their pairs plain (their probes need M1(h)); the others run in
-    pre-merged mode with this policy (False: off). Returns the final held-out imitation loss per stage."""
+    pre-merged mode with this policy (False: off). Returns the final held-out imitation loss per stage.
+    earlier_lr: learning-rate factor for everything but the stage's newest blocks and pairs (1: one
+    rate for the whole prefix; 0: earlier blocks frozen; MobileBERT keeps them at 0.1). warmup: share
+    of each stage's steps spent warming the learning rate up (restarted every stage). reset_narrow:
+    after each stage, M2 := pinv(M1) at its sites, so the pairs pass the student's features on
+    unchanged (they served as probes)."""
     per_stage = [steps] * len(stages) if isinstance(steps, int) else list(steps)
     if len(per_stage) != len(stages):
         raise PlanError(f"{len(per_stage)} step budgets for {len(stages)} stages")
@@ -213,11 +242,12 @@ def imitate(
     net = _wrap(paired)
     data = _cycle(batches)
     held_out = _inputs(next(data)[0])
-    blocks = _newest_blocks(paired, example_inputs, stages) if restarts else {}
+    blocks = _newest_blocks(paired, example_inputs, stages) if restarts or earlier_lr != 1 else {}
     finals = {}
     for chunk, budget in zip(stages, per_stage, strict=True):
         name = "imitate " + "+".join(chunk)
         objective = Imitation(net, teacher, example_inputs, sites=chunk, mapping=mapping, loss=loss)
+        groups = _stage_groups(unwrap(paired), blocks, chunk, lr, earlier_lr)
         start = copy.deepcopy(unwrap(paired).state_dict())
         best: tuple[float, dict[str, torch.Tensor]] | None = None
         for attempt in range(restarts + 1):
@@ -226,14 +256,42 @@ def imitate(
                 _reinitialise(unwrap(paired), blocks[chunk[-1]], seed + attempt)
             tag = f"{name} (restart {attempt})" if restarts else name
             with _pair_mode(paired, premerged):
-                _imitation_stage(net, objective, data, budget, (lr, momentum, optimizer), log, tag)
+                _imitation_stage(
+                    net,
+                    objective,
+                    data,
+                    budget,
+                    (lr, momentum, optimizer, warmup, groups),
+                    log,
+                    tag,
+                )
             with torch.no_grad():
                 score = _mean_over_ranks(objective(*held_out).item())
             if best is None or score < best[0]:
                 best = (score, copy.deepcopy(unwrap(paired).state_dict()))
         unwrap(paired).load_state_dict(best[1])
         finals[name] = best[0]
+        if reset_narrow:
+            _reset_narrow(unwrap(paired), chunk)
     return finals
+
+
+@torch.no_grad()
+def _reset_narrow(paired: nn.Module, sites: Sequence[str]) -> None:
+    """M2 := pinv(M1) at these sites: each pair passes the student's features through unchanged again
+    (imitation moved M1 alone; M2 M1 drifted from I, which distorts everything downstream)."""
+    for s in sites:
+        pair = paired.pairs[s] if s in paired.pairs else None
+        if pair is None or pair.narrow is None:
+            continue
+        pinv = torch.linalg.pinv(pair.widen.weight.double())
+        pair.narrow.weight.copy_(pinv.to(pair.narrow.weight.dtype))
+        if pair.narrow.bias is not None:
+            pair.narrow.bias.copy_(
+                -(pinv @ pair.widen.bias.double()).to(pair.narrow.bias.dtype)
+                if pair.widen.bias is not None
+                else torch.zeros_like(pair.narrow.bias)
+            )
 
 
 def _imitation_stage(
@@ -241,13 +299,13 @@ def _imitation_stage(
     objective: Imitation,
     data: Iterator[Batch],
     steps: int,
-    optim: tuple[float, float, str],
+    optim: tuple[float, float, str, float, Any],
     log: Log | None,
     tag: str,
 ) -> None:
     net.train()
-    lr, momentum, kind = optim
-    opt, sched = _optimizer(net, steps, lr, momentum, 0.0, kind)
+    lr, momentum, kind, warmup, groups = optim
+    opt, sched = _optimizer(net, steps, lr, momentum, 0.0, kind, warmup, groups)
     with progress_bar(enabled=_main_process()) as progress:
         task = progress.add_task(tag, total=steps)
         for _ in range(steps):
@@ -260,6 +318,30 @@ def _imitation_stage(
             if log is not None:
                 log.add(tag, loss.item())
             progress.update(task, advance=1, description=f"{tag} (loss {loss.item():.4f})")
+
+
+def _stage_groups(
+    model: nn.Module, blocks: dict[str, list[str]], chunk: Sequence[str], lr: float, earlier: float
+) -> list[dict[str, Any]] | None:
+    """Parameter groups of one imitation stage: the chunk's newest blocks and its pairs at `lr`,
+    everything else at `earlier` x lr (left out at 0). None: one group at `lr`."""
+    if earlier == 1:
+        return None
+    newest = {
+        id(p)
+        for path in blocks[chunk[-1]]
+        for p in model.get_submodule(path).parameters(recurse=False)
+    }
+    pairs = getattr(model, "pairs", None)
+    for site in chunk:
+        if pairs is not None and site in pairs:
+            newest |= {id(p) for p in pairs[site].parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in newest], "lr": lr}]
+    rest = [p for p in trainable if id(p) not in newest]
+    if earlier > 0 and rest:
+        groups.append({"params": rest, "lr": lr * earlier})
+    return groups
 
 
 def _pair_mode(model: nn.Module, policy: bool | str) -> contextlib.AbstractContextManager:
@@ -320,6 +402,10 @@ class Recipe:
     stages: str | Sequence[Sequence[str]] = (
         "blocks"  # "blocks" (each its own), "resolution", or explicit chunks
     )
+    # a budget instead of a schedule: `steps` student steps in all, `imitation_share` of them
+    # imitating (split evenly over the stages), the rest fine-tuning; overrides the two fields below
+    steps: int | None = None
+    imitation_share: float = 0.1  # measured on bench/win_vision.py (10% beat 20-30% there)
     imitation_steps: int | Sequence[int] = 100  # per stage
     imitation_lr: float = 0.1
     finetune_steps: int = 500
@@ -333,9 +419,21 @@ class Recipe:
     loss: str = "mse"  # the paper's; "nmse" divides by the teacher's mean square (scale-free lr)
     mapping: Mapping_ = "same"  # student site -> teacher block: "same", k (1:k), or a dict
     sampled_start: bool = False  # Assumption 3.4: thin layers sampled from the wide ones
+    sample_scale: str | float = "none"  # plain slice; "fan_in" (x D/d), "sqrt": sample_from_teacher
+    reset_narrow: bool = False  # M2 := pinv(M1) after each stage (pairs pass features on unchanged)
+    sample_refit: int = (
+        512  # examples of `batches` the sampled layers are refitted on (0: copy only)
+    )
+    earlier_lr: float = 1.0  # lr factor of earlier blocks during a later stage (0: frozen)
+    imitation_warmup: float = (
+        0.0  # share of each imitation stage spent warming up (restarted per stage)
+    )
     least_squares_start: bool = False  # closed-form M1 before the gradient steps (beyond the paper)
     merge: str = "after_finetune"  # or "after_imitation" (fold, then fine-tune the thin model)
     premerged: bool | str = "auto"  # train the paired model with merged pairs (surgery.premerged)
+    # called as callback(model, student_step) after every fine-tuning step (step counted over the
+    # whole recipe, imitation included): e.g. to measure time to quality
+    callback: Callable[[nn.Module, int], Any] | None = None
 
 
 @dataclass
@@ -345,6 +443,43 @@ class WinResult:
     log: Log
     imitation: dict[str, float]
     stages: list[list[str]]
+
+
+def budget(recipe: Recipe, n_stages: int) -> tuple[list[int], int]:
+    """(imitation steps per stage, fine-tuning steps) of a recipe: from `steps` and
+    `imitation_share` when a budget is given (they add up to exactly `steps`), else as written."""
+    if recipe.steps is None:
+        steps = recipe.imitation_steps
+        per_stage = [steps] * n_stages if isinstance(steps, int) else list(steps)
+        return per_stage, recipe.finetune_steps
+    if recipe.restarts:
+        raise PlanError(
+            "Recipe(steps=N) is a budget of N student steps, and restarts repeat stages beyond it: "
+            "give imitation_steps and finetune_steps instead, or restarts=0"
+        )
+    if not 0 < recipe.imitation_share < 1 or recipe.steps < n_stages + 1:
+        raise PlanError(
+            f"Recipe(steps={recipe.steps}, imitation_share={recipe.imitation_share}): need a share "
+            f"in (0, 1) and at least one step per stage ({n_stages}) plus one to fine-tune"
+        )
+    imitating = max(n_stages, round(recipe.steps * recipe.imitation_share))
+    base, extra = divmod(imitating, n_stages)
+    per_stage = [base + (1 if i < extra else 0) for i in range(n_stages)]
+    return per_stage, recipe.steps - imitating
+
+
+def calibration(batches: Iterable[Batch], examples: int) -> tuple[Any, ...]:
+    """The first `examples` inputs of `batches`, concatenated (tensors batched on dim 0)."""
+    parts: list[tuple[Any, ...]] = []
+    n = 0
+    for x, _ in batches:
+        parts.append(_inputs(x))
+        n += parts[-1][0].shape[0]
+        if n >= examples:
+            break
+    if not parts:
+        raise PlanError("the batches iterable is empty")
+    return tuple(torch.cat(column)[:examples] for column in zip(*parts, strict=True))
 
 
 def choose_stages(
@@ -422,7 +557,13 @@ def win(
     inputs = as_example_inputs(student, example_inputs)
     student = copy.deepcopy(student)
     if recipe.sampled_start:
-        sample_from_teacher(student, teacher, inputs)
+        sample_from_teacher(
+            student,
+            teacher,
+            inputs,
+            scale=recipe.sample_scale,
+            refit=calibration(batches, recipe.sample_refit) if recipe.sample_refit else None,
+        )
     table, t_table, stages = _stage_tables(student, teacher, inputs, recipe.stages, recipe.mapping)
     sites = [s for chunk in stages for s in chunk]
     widths = {s: t_table.get(teacher_site(s, recipe.mapping)).width for s in sites}
@@ -430,11 +571,12 @@ def win(
     paired = insert_pairs(
         student, inputs, wide=widths, sites=foldable, probes=[s for s in sites if s not in foldable]
     )
+    per_stage, finetune_steps = budget(recipe, len(stages))
     log = Log()
     if recipe.least_squares_start:
-        calibration = _inputs(next(_cycle(batches))[0])
+        ls_inputs = _inputs(next(_cycle(batches))[0])
         least_squares_start(
-            Imitation(paired, teacher, inputs, sites=sites, mapping=recipe.mapping), *calibration
+            Imitation(paired, teacher, inputs, sites=sites, mapping=recipe.mapping), *ls_inputs
         )
     finals = imitate(
         paired,
@@ -442,7 +584,7 @@ def win(
         batches,
         inputs,
         stages,
-        recipe.imitation_steps,
+        per_stage,
         lr=recipe.imitation_lr,
         momentum=recipe.momentum,
         optimizer=recipe.optimizer,
@@ -451,6 +593,9 @@ def win(
         loss=recipe.loss,
         log=log,
         premerged=recipe.premerged,
+        earlier_lr=recipe.earlier_lr,
+        warmup=recipe.imitation_warmup,
+        reset_narrow=recipe.reset_narrow,
     )
     finetune = dict(
         lr=recipe.finetune_lr,
@@ -463,12 +608,16 @@ def win(
         log=log,
         stage="fine-tune",
         premerged=recipe.premerged,
+        callback=None
+        if recipe.callback is None
+        else (lambda m, step: recipe.callback(m, imitation_total + step)),
     )
+    imitation_total = sum(per_stage) * (recipe.restarts + 1)
     if recipe.merge == "after_imitation":
         thin = fold(paired.eval())
-        train(thin, batches, recipe.finetune_steps, **finetune)
+        train(thin, batches, finetune_steps, **finetune)
     elif recipe.merge == "after_finetune":
-        train(paired, batches, recipe.finetune_steps, **finetune)
+        train(paired, batches, finetune_steps, **finetune)
         thin = fold(paired.eval())
     else:
         raise PlanError(
