@@ -88,6 +88,18 @@ def parse(spec: str) -> tuple[str, dict]:
     return method, kw
 
 
+def _sample(student: nn.Module, teacher: nn.Module, kw: dict) -> None:
+    """The sampled start with this run's options (refit examples, scale), taken out of `kw`."""
+    n = kw.pop("refit", 0)
+    win.sample_from_teacher(
+        student,
+        teacher,
+        EXAMPLE,
+        scale=kw.pop("scale", "fan_in"),
+        refit=calibration(BATCHES, n) if n else None,
+    )
+
+
 def run_one(method: str, kw: dict, student: nn.Module, teacher: nn.Module, steps: int, seed: int):
     kw = dict(kw)
     lr = kw.pop("lr", 0.05)
@@ -102,17 +114,10 @@ def run_one(method: str, kw: dict, student: nn.Module, teacher: nn.Module, steps
         win.train(student, BATCHES, steps, lr=lr, teacher=teacher, temperature=T, kd_weight=w)
         return student, extra
     if method in ("skd", "sample"):
-        n = kw.pop("refit", 0)
-        win.sample_from_teacher(
-            student,
-            teacher,
-            EXAMPLE,
-            scale=kw.pop("scale", "fan_in"),
-            refit=calibration(BATCHES, n) if n else None,
-        )
+        _sample(student, teacher, kw)
         if kw.pop("bn", 0):
             reset_bn(student)
-        extra["start_acc"] = accuracy(copy.deepcopy(student).train() if False else student)
+        extra["start_acc"] = accuracy(student)
         if method == "sample":
             return student, extra
         win.train(student, BATCHES, steps, lr=lr, teacher=teacher, temperature=T, kd_weight=w)
@@ -128,14 +133,7 @@ def run_one(method: str, kw: dict, student: nn.Module, teacher: nn.Module, steps
         }[str(stages)]
         sampled = kw.pop("sampled", 1)
         if sampled:
-            n = kw.pop("refit", 0)
-            win.sample_from_teacher(
-                student,
-                teacher,
-                EXAMPLE,
-                scale=kw.pop("scale", "fan_in"),
-                refit=calibration(BATCHES, n) if n else None,
-            )
+            _sample(student, teacher, kw)
         per_stage = max(1, int(steps * frac) // len(chunks))
         recipe = win.Recipe(
             stages=chunks,
