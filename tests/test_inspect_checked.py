@@ -13,6 +13,12 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch):
+    """Rows on one line each (the table wraps to the terminal width), so cells can be read."""
+    monkeypatch.setenv("COLUMNS", "400")
+
+
 def _inspect(capsys, *args: str) -> list[str]:
     assert main(["inspect", *args]) == 0
     out = capsys.readouterr().out
