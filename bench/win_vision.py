@@ -2,7 +2,7 @@
 fixed random CNN labels random smooth 8x8 images (10 balanced classes); a deep thin residual CNN
 learns them. Compares thin-vanilla, thin-KD, thin-WIN and the ablations at equal student steps.
 
-    python bench/win_vision.py            # 3 seeds, 600 student steps (~18 min on one busy CPU core)
+    python bench/win_vision.py            # 3 seeds, 600 student steps (18-25 min on 2 shared cores)
     python bench/win_vision.py --quick    # 2 seeds, short runs
 """
 
