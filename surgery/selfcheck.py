@@ -32,7 +32,7 @@ CHECK_RANK = 32  # the rank of the checking pairs' W (see check_width)
 def self_check(model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> BlockTable:
     """Run the numeric check on every foldable boundary of `table` (in place; returned for
     chaining): each gets `checked` = the measured error, or is refused (`route` None) with the
-    reason. On the meta device, or with no floating weights, each says it was not checked."""
+    reason. On the meta device, and for a site over SITE_FLOP_BUDGET, it says it was not checked."""
     candidates = [b for b in table if b.foldable]
     if any(p.device.type == "meta" for p in [*model.parameters(), *model.buffers()]):
         for boundary in candidates:
@@ -52,8 +52,8 @@ def self_check(model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         probe = _Probe(model, inputs, table)
-        joint, _ = probe.error(candidates)
-        refused = _bisect(probe, candidates, joint)
+        joint, why = probe.error(candidates)
+        refused = _bisect(probe, candidates, joint, why)
         if refused:
             kept = [b for b in candidates if b.name not in refused]
             joint, _ = probe.error(kept) if kept else (0.0, "")
