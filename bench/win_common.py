@@ -18,7 +18,7 @@ from torch import nn
 
 from surgery import win
 from surgery.report import render_table
-from surgery.win.loop import calibration
+from surgery.win.loop import finetune_options, recipe_start
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -102,27 +102,10 @@ def _methods(
 
     def sampled_kd(s):
         r = recipe("ablation: sampled start + KD, no imitation")
-        refit = r.sample_refit
-        win.sample_from_teacher(
-            s,
-            teacher,
-            setup.example,
-            scale=r.sample_scale,
-            refit=calibration(setup.batches, refit) if refit else None,
-        )
         # the same start and the same fine-tuning as WIN's, over the whole budget
+        recipe_start(s, teacher, setup.batches, setup.example, r)
         win.train(
-            s,
-            setup.batches,
-            setup.steps,
-            lr=r.finetune_lr,
-            momentum=r.momentum,
-            weight_decay=r.weight_decay,
-            teacher=teacher,
-            kd_weight=r.kd_weight,
-            temperature=r.temperature,
-            optimizer=setup.optimizer,
-            callback=r.callback,
+            s, setup.batches, setup.steps, **finetune_options(r, teacher), callback=r.callback
         )
         return s
 

@@ -468,6 +468,35 @@ def budget(recipe: Recipe, n_stages: int) -> tuple[list[int], int]:
     return per_stage, recipe.steps - imitating
 
 
+def recipe_start(
+    student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], inputs: Any, recipe: Recipe
+) -> None:
+    """The recipe's sampled start, in place: the teacher sliced with `sample_scale`, each sampled
+    layer refitted on `sample_refit` examples of `batches` (none when 0)."""
+    refit = recipe.sample_refit
+    sample_from_teacher(
+        student,
+        teacher,
+        inputs,
+        scale=recipe.sample_scale,
+        refit=calibration(batches, refit) if refit else None,
+    )
+
+
+def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
+    """The `train` arguments of the recipe's stage 3 (KD fine-tuning from `teacher`)."""
+    return dict(
+        lr=recipe.finetune_lr,
+        momentum=recipe.momentum,
+        optimizer=recipe.optimizer,
+        weight_decay=recipe.weight_decay,
+        teacher=teacher,
+        kd_weight=recipe.kd_weight,
+        temperature=recipe.temperature,
+        premerged=recipe.premerged,
+    )
+
+
 def calibration(batches: Iterable[Batch], examples: int) -> tuple[Any, ...]:
     """The first `examples` inputs of `batches`, concatenated (tensors batched on dim 0)."""
     parts: list[tuple[Any, ...]] = []
@@ -557,13 +586,7 @@ def win(
     inputs = as_example_inputs(student, example_inputs)
     student = copy.deepcopy(student)
     if recipe.sampled_start:
-        sample_from_teacher(
-            student,
-            teacher,
-            inputs,
-            scale=recipe.sample_scale,
-            refit=calibration(batches, recipe.sample_refit) if recipe.sample_refit else None,
-        )
+        recipe_start(student, teacher, batches, inputs, recipe)
     table, t_table, stages = _stage_tables(student, teacher, inputs, recipe.stages, recipe.mapping)
     sites = [s for chunk in stages for s in chunk]
     widths = {s: t_table.get(teacher_site(s, recipe.mapping)).width for s in sites}
@@ -598,16 +621,9 @@ def win(
         reset_narrow=recipe.reset_narrow,
     )
     finetune = dict(
-        lr=recipe.finetune_lr,
-        momentum=recipe.momentum,
-        optimizer=recipe.optimizer,
-        weight_decay=recipe.weight_decay,
-        teacher=teacher,
-        kd_weight=recipe.kd_weight,
-        temperature=recipe.temperature,
+        **finetune_options(recipe, teacher),
         log=log,
         stage="fine-tune",
-        premerged=recipe.premerged,
         callback=None
         if recipe.callback is None
         else (lambda m, step: recipe.callback(m, imitation_total + step)),
