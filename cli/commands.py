@@ -297,10 +297,10 @@ def _check_thin(args: argparse.Namespace, thin_path: Path, inputs: list[str]) ->
     options = {"plan": args.plan, "trust_pickle": args.trust_pickle}
     paired = load(args.paired, trust_source=args.trust_source, **options)
     thin = load(thin_path, trust_source=args.trust_source)
-    inputs_ = synthesise_inputs(thin, args.input_shape or _plan_shape(paired.plan))
+    examples = synthesise_inputs(thin, args.input_shape or _plan_shape(paired.plan))
     rows: list[tuple[str, Any]] = []
     if args.verify:
-        report = verify(paired, thin, inputs_, runtime="torch", rtol=args.rtol, atol=args.atol)
+        report = verify(paired, thin, examples, runtime="torch", rtol=args.rtol, atol=args.atol)
         rows += [
             ("max abs error vs paired", report.max_abs),
             ("max rel error vs paired", report.max_rel),
@@ -309,7 +309,7 @@ def _check_thin(args: argparse.Namespace, thin_path: Path, inputs: list[str]) ->
         if not report.ok:
             raise _CheckFailed(rows)
     if args.onnx:
-        proto = export_onnx(thin.eval(), inputs_, "thin")
+        proto = export_onnx(thin.eval(), examples, "thin")
         with atomic_output(args.onnx, inputs=[*inputs, str(thin_path)]) as temp:
             temp.write_bytes(proto.SerializeToString())
         rows.append(("onnx", args.onnx))
