@@ -298,7 +298,7 @@ def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) ->
                     if isinstance(arg, fx.Node) and arg.op == "get_attr"
                 }
             if label == "getitem":
-                kind, attrs = "other", {"why": "indexing"}
+                kind, attrs = "other", _indexing(node)
         else:  # call_method
             n_tensors = len(tensor_inputs) + len(param_args)
             kind, attrs = normalize.classify_method(
@@ -519,7 +519,7 @@ def _aten_op(
     kind, attrs = normalize.classify_aten(node.target, node.args, n_tensors, first_rank)
     label = str(node.target)
     if _short(node.target) == "getitem":
-        kind, attrs = "other", {"why": "indexing"}
+        kind, attrs = "other", _indexing(node)
     if kind == "transparent" and len(tensor_inputs) > 1:
         kind, attrs = "other", {"why": f"{label} reads a second tensor"}
     return Op(
@@ -546,6 +546,12 @@ _ATEN_PARAM_ROLES = {
     "_native_batch_norm_legit_no_training": ("weight", "bias", "running_mean", "running_var"),
     "embedding": ("weight",),
 }
+
+
+def _indexing(node: fx.Node) -> dict[str, Any]:
+    """attrs of a getitem: which element of a tuple (e.g. one part of a split) it takes."""
+    index = node.args[1] if len(node.args) > 1 else None
+    return {"why": "indexing", **({"index": index} if isinstance(index, int) else {})}
 
 
 def _short(target: Any) -> str:

@@ -163,15 +163,18 @@ def train(
     optimizer: str = "sgd",
     premerged: bool | str = "auto",
     callback: Callable[[nn.Module, int], Any] | None = None,
+    warmup: float = 0.0,
+    clip: float | None = None,
 ) -> list[float]:
     """Supervised training (teacher=None: stage 1, the vanilla baseline) or fine-tuning with labels
     plus KD from a frozen teacher's logits (stage 3; kd_weight=1 is the paper's KL-only loss).
     A paired model trains in pre-merged mode with this policy (surgery.set_premerged; False: off).
     callback(model, step) runs after every step (step counts from 1; e.g. to evaluate: the model is
-    put back in training mode after it)."""
+    put back in training mode after it). warmup: share of the steps of linear learning-rate warm-up
+    before the cosine decay; clip: gradient-norm clipping (None: off) — transformers want both."""
     net = _wrap(model)
     net.train()
-    opt, sched = _optimizer(net, steps, lr, momentum, weight_decay, optimizer)
+    opt, sched = _optimizer(net, steps, lr, momentum, weight_decay, optimizer, warmup)
     if teacher is not None:
         teacher.eval()
     losses: list[float] = []
@@ -190,6 +193,8 @@ def train(
                 loss = loss + kd_weight * kd_loss(logits, target, temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
             sched.step()
             losses.append(loss.item())

@@ -14,6 +14,8 @@ from surgery.capture import as_example_inputs
 from surgery.errors import PlanError
 from surgery.widths import width_groups
 
+from .spaces import SpaceTable, index_spaces
+
 
 @torch.no_grad()
 def sample_from_teacher(
@@ -43,6 +45,26 @@ def sample_from_teacher(
     half of a trained network computes nearly nothing (near-chance accuracy); refitted, most of the
     teacher's function survives. None: copy only."""
     inputs = as_example_inputs(student, example_inputs)
+    s_spaces = index_spaces(student, inputs)
+    if s_spaces.attention:
+        outs = _sample_heads(
+            student, teacher, s_spaces, index_spaces(teacher, inputs), generator, scale
+        )
+    else:
+        outs = _sample_channels(student, teacher, inputs, generator, scale)
+    if refit is not None:
+        _refit(student, teacher, as_example_inputs(student, refit), outs, ridge)
+    return student
+
+
+def _sample_channels(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: tuple[Any, ...],
+    generator: torch.Generator | None,
+    scale: str | float,
+) -> dict[str, torch.Tensor]:
+    """Convolutional / MLP models: one random channel subset per width group (surgery.widths)."""
     s_table, t_table = width_groups(student, inputs), width_groups(teacher, inputs)
     chosen: dict[str, torch.Tensor] = {}
     for group in s_table.groups:
@@ -72,9 +94,132 @@ def sample_from_teacher(
         out_idx = chosen[out_group] if out_group else in_idx
         _copy_sampled(s, t, kind, in_idx, out_idx, factor)
         outs[module] = out_idx
-    if refit is not None:
-        _refit(student, teacher, as_example_inputs(student, refit), outs, ridge)
-    return student
+    return outs
+
+
+def _sample_heads(
+    student: nn.Module,
+    teacher: nn.Module,
+    s_spaces: SpaceTable,
+    t_spaces: SpaceTable,
+    generator: torch.Generator | None,
+    scale: str | float,
+) -> dict[str, torch.Tensor]:
+    """Attention models: whole heads, one residual-stream subset shared by every block, the
+    query/key-value grouping kept (surgery.win.spaces); every other tensor copied as it is."""
+    chosen = _choose(s_spaces, t_spaces, generator)
+    s_params = student.state_dict(keep_vars=True)  # tied tensors under each of their names
+    t_params = teacher.state_dict(keep_vars=True)
+    done: set[str] = set()
+    outs: dict[str, torch.Tensor] = {}
+    for use in s_spaces.uses.values():
+        out_idx = chosen[use.space]
+        prefix = f"{use.module}." if use.module else ""
+        if use.kind == "norm":
+            for name, t in t_params.items():
+                local = name[len(prefix) :]
+                if name.startswith(prefix) and "." not in local and t.dim() == 1:
+                    s_params[name].copy_(t[out_idx])
+                    done.add(name)
+            continue
+        weight = t_params[prefix + "weight"]
+        out_axis = use.weight_out_axis
+        w = weight.index_select(out_axis, out_idx)
+        if use.kind == "linear" and use.in_space is not None:
+            in_idx = _features(chosen[use.in_space], use.in_per)
+            w = w.index_select(use.weight_in_axis, in_idx)
+            w = w * _scale(weight.shape[use.weight_in_axis] / len(in_idx), scale)
+        s_params[prefix + "weight"].copy_(w)
+        done.add(prefix + "weight")
+        bias = t_params.get(prefix + "bias")
+        if use.kind == "linear" and bias is not None:
+            s_params[prefix + "bias"].copy_(bias[out_idx])
+            done.add(prefix + "bias")
+        outs[use.module] = out_idx
+    for name, p in s_params.items():
+        if name in done:
+            continue
+        if name not in t_params or t_params[name].shape != p.shape:
+            raise PlanError(
+                f"sample_from_teacher: no rule to sample {name} "
+                f"{tuple(p.shape)} from the teacher's {tuple(t_params[name].shape) if name in t_params else 'nothing'}"
+            )
+        p.copy_(t_params[name])
+    return outs
+
+
+def _choose(
+    s_spaces: SpaceTable, t_spaces: SpaceTable, generator: torch.Generator | None
+) -> dict[int, torch.Tensor]:
+    """Student space id (every id, not only roots) -> the teacher's feature indices it takes."""
+    t_by_key = {t_spaces.space(r).key: r for r in t_spaces.roots()}
+    by_root: dict[int, torch.Tensor] = {}
+    roots = s_spaces.roots()
+    # key/value heads before the query heads grouped over them; packed outputs after their parts
+    order = sorted(
+        roots,
+        key=lambda r: (s_spaces.space(r).grouped is not None, s_spaces.space(r).parts is not None),
+    )
+    for r in order:
+        s = s_spaces.space(r)
+        if s.key not in t_by_key:
+            raise PlanError(f"sample_from_teacher: the teacher has nothing matching {s.key}")
+        t = t_spaces.space(t_by_key[s.key])
+        if s.parts is not None:
+            offsets = [0]
+            for part in t.parts or []:
+                offsets.append(offsets[-1] + t_spaces.space(part).width)
+            if t.parts is None or len(t.parts) != len(s.parts):
+                raise PlanError(
+                    f"sample_from_teacher: {s.key} is packed differently in the teacher"
+                )
+            by_root[r] = torch.cat(
+                [by_root[s_spaces.find(p)] + offsets[i] for i, p in enumerate(s.parts)]
+            )
+            continue
+        by_root[r] = _pick(s, t, s_spaces, t_spaces, by_root, generator)
+    return {i: by_root[s_spaces.find(i)] for i in range(len(s_spaces))}
+
+
+def _pick(s, t, s_spaces, t_spaces, by_root, generator) -> torch.Tensor:
+    if t.width < s.width:
+        raise PlanError(
+            f"sample_from_teacher: the teacher is narrower than the student at {s.key} ({t.width} < {s.width})"
+        )
+    if t.width == s.width:
+        return torch.arange(s.width)
+    if s.frozen:
+        raise PlanError(f"sample_from_teacher: {s.key} cannot be sampled: {s.frozen}")
+    if s.unit != t.unit:
+        raise PlanError(
+            f"sample_from_teacher: {s.key} has heads of {s.unit} features in the student and "
+            f"{t.unit} in the teacher; whole heads can only be sampled between equal head sizes"
+        )
+    if (s.grouped is None) != (t.grouped is None):
+        raise PlanError(
+            f"sample_from_teacher: {s.key}: grouped-query attention in only one of student and teacher"
+        )
+    if s.grouped is not None:
+        kv = by_root[s_spaces.find(s.grouped[0])][:: s.unit] // s.unit  # the chosen key/value heads
+        per_s, per_t = s.grouped[1], t.grouped[1]
+        if per_t < per_s:
+            raise PlanError(
+                f"sample_from_teacher: {s.key} groups {per_s} query heads per key/value head, the "
+                f"teacher only {per_t}"
+            )
+        heads = torch.cat(
+            [
+                h * per_t + torch.randperm(per_t, generator=generator)[:per_s].sort().values
+                for h in kv
+            ]
+        )
+    else:
+        heads = (
+            torch.randperm(t.width // t.unit, generator=generator)[: s.width // s.unit]
+            .sort()
+            .values
+        )
+    return _features(heads, s.unit)
 
 
 def _refit(

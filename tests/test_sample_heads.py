@@ -1,0 +1,192 @@
+"""The sampled start of attention models (surgery.win.spaces): whole heads, one residual-stream
+subset for every block, packed qkv and grouped-query attention kept consistent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from surgery import win
+
+TOKENS = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def llama(hidden: int, heads: int, kv: int) -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def gpt2(hidden: int, heads: int) -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=40, n_embd=hidden, n_layer=2, n_head=heads, n_positions=16, use_cache=False
+    )
+    config.bos_token_id = config.eos_token_id = 0
+    return transformers.GPT2LMHeadModel(config)
+
+
+def bert(hidden: int, heads: int) -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=16,
+    )
+    return transformers.BertModel(config)
+
+
+class PreLN(nn.Module):
+    """A user's own pre-LN transformer block stack built from nn.Linear (separate q, k, v)."""
+
+    def __init__(self, hidden: int, heads: int, layers: int = 2, vocab: int = 40):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.ModuleDict(
+                dict(
+                    norm1=nn.LayerNorm(hidden),
+                    q=nn.Linear(hidden, hidden),
+                    k=nn.Linear(hidden, hidden),
+                    v=nn.Linear(hidden, hidden),
+                    out=nn.Linear(hidden, hidden),
+                    norm2=nn.LayerNorm(hidden),
+                    up=nn.Linear(hidden, 3 * hidden),
+                    down=nn.Linear(3 * hidden, hidden),
+                )
+            )
+            self.blocks.append(block)
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        for blk in self.blocks:
+            h = blk["norm1"](x)
+            q, k, v = (blk[n](h).view(b, t, self.heads, -1).transpose(1, 2) for n in "qkv")
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + blk["out"](a.transpose(1, 2).reshape(b, t, -1))
+            x = x + blk["down"](F.gelu(blk["up"](blk["norm2"](x))))
+        return self.head(self.norm(x))
+
+
+FAMILIES = {
+    "llama-gqa": (lambda: llama(32, 4, 2), lambda: llama(64, 8, 4)),
+    "gpt2": (lambda: gpt2(32, 4), lambda: gpt2(64, 8)),
+    "bert": (lambda: bert(32, 4), lambda: bert(64, 8)),
+    "own-pre-ln": (lambda: PreLN(32, 4), lambda: PreLN(64, 8)),
+}
+
+
+def _output(model: nn.Module) -> torch.Tensor:
+    out = model(TOKENS)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_of_equal_width_is_sampled_exactly(family):
+    _, make_teacher = FAMILIES[family]
+    torch.manual_seed(0)
+    teacher, student = make_teacher().eval(), make_teacher().eval()
+    win.sample_from_teacher(student, teacher, (TOKENS,), generator=torch.Generator().manual_seed(3))
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(student.state_dict()[name], value), name
+    assert torch.equal(_output(student), _output(teacher))
+
+
+def _indexed(model: nn.Module) -> nn.Module:
+    """Every entry of every weight encodes its own (row, column): 1000*row + column."""
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            rows = torch.arange(p.shape[0], dtype=torch.float64)
+            if p.dim() == 1:
+                p.copy_(rows)
+            else:
+                p.copy_(1000 * rows[:, None] + torch.arange(p.shape[1], dtype=torch.float64))
+    return model
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return (w[:, 0] // 1000).long()
+
+
+def _cols(w: torch.Tensor) -> torch.Tensor:
+    return (w[0] % 1000).round().long()
+
+
+def _heads(idx: torch.Tensor, size: int) -> list[int]:
+    """Teacher head of each student head, checking each student head is one whole teacher head."""
+    blocks = idx.view(-1, size)
+    assert torch.equal(blocks - blocks[:, :1], torch.arange(size).expand_as(blocks))
+    assert (blocks[:, 0] % size == 0).all()
+    return (blocks[:, 0] // size).tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_llama_gqa_heads_stay_whole_and_grouped(seed):
+    teacher = _indexed(llama(64, 8, 2))  # 4 query heads per key/value head
+    student = llama(32, 4, 1).double()  # 4 query heads over 1 key/value head
+    win.sample_from_teacher(
+        student, teacher, (TOKENS,), generator=torch.Generator().manual_seed(seed)
+    )
+    residual = None
+    for layer in student.model.layers:
+        attn = layer.self_attn
+        q, k, v = (
+            _heads(_rows(getattr(attn, n).weight), 8) for n in ("q_proj", "k_proj", "v_proj")
+        )
+        o = _heads(_cols(attn.o_proj.weight), 8)
+        assert q == o and k == v
+        assert [h // 4 for h in q] == [k[i // 4] for i in range(len(q))]
+        for w in (attn.q_proj.weight, attn.k_proj.weight, layer.mlp.up_proj.weight):
+            cols = _cols(w)
+            residual = cols if residual is None else residual
+            assert torch.equal(cols, residual)  # one residual-stream subset for every block
+        assert torch.equal(_rows(attn.o_proj.weight), residual)
+        assert torch.equal(layer.input_layernorm.weight.long(), residual)
+        assert torch.equal(_rows(layer.mlp.gate_proj.weight), _rows(layer.mlp.up_proj.weight))
+        assert torch.equal(_cols(layer.mlp.down_proj.weight), _rows(layer.mlp.up_proj.weight))
+    assert len(set(residual.tolist())) == 32
+
+
+def test_gpt2_packed_qkv_takes_the_same_heads_from_each_part():
+    teacher = _indexed(gpt2(64, 8))
+    student = gpt2(32, 4).double()
+    win.sample_from_teacher(student, teacher, (TOKENS,), generator=torch.Generator().manual_seed(1))
+    for block in student.transformer.h:
+        cols = _cols(block.attn.c_attn.weight)  # Conv1D [in, out]: the output index is the column
+        q, k, v = cols[:32], cols[32:64] - 64, cols[64:] - 128
+        assert (
+            _heads(q, 8)
+            == _heads(k, 8)
+            == _heads(v, 8)
+            == _heads(_rows(block.attn.c_proj.weight), 8)
+        )
+
+
+def test_a_student_narrower_than_a_head_is_refused():
+    with pytest.raises(Exception, match="heads of"):
+        win.sample_from_teacher(llama(32, 8, 4), llama(64, 8, 4), (TOKENS,))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampled_half_width_student_runs(family):
+    make_student, make_teacher = FAMILIES[family]
+    student, teacher = make_student().eval(), make_teacher().eval()
+    win.sample_from_teacher(student, teacher, (TOKENS,), refit=(TOKENS,))
+    assert torch.isfinite(_output(student)).all()
