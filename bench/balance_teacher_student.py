@@ -8,7 +8,7 @@ teacher itself has zero loss. Students are trained with the smooth hinge loss ma
 z = -y f(x), p = 2, SGD with momentum 0.9, lr 0.05 divided by 10 at 50% and 75% of the epochs (002:
 lr 0.1, divided at plateaus; 0.1 made the wide student diverge here with p = 3), batch 128:
 - narrow, He init: the teacher's architecture and width;
-- narrow, balanced: the same, then `surgery.balanced_init` on the first batch;
+- narrow, balanced: the same, then `surgery.experiments.balanced_init` on the first batch;
 - wide, He init: `surgery.widen(narrow, 16)` (width 4 -> 64; 4 -> 16 with --quick).
 Inputs are N(0, 1) images, not the rescaled CIFAR-10 images of 002 (no data sets on this machine);
 the teacher's output bias is set to minus its median output so that the two labels are balanced.
@@ -28,7 +28,7 @@ import time
 import torch
 from torch import nn
 
-from surgery.balance import balanced_init, gradient_norms, smooth_hinge_loss
+from surgery.experiments.balance import balanced_init, gradient_norms, smooth_hinge_loss
 from surgery.report import render_table
 from surgery.widths import widen
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from surgery.kernel_distance import (
+from surgery.experiments.kernel_distance import (
     approx_terms,
     kernel_distance,
     kernel_distance_approx,

@@ -1,7 +1,7 @@
 """Width at a fixed parameter count (Golubeva et al.): a dense narrow MLP against wider versions that
-keep its number of trainable parameters — static sparsity (`surgery.sparsify_wide`), a linear
-bottleneck (`surgery.factorize` of a wide model to the baseline's budget) and a non-linear
-bottleneck (`surgery.nonlinear_bottleneck`) — plus a dense wide model with more parameters.
+keep its number of trainable parameters — static sparsity (`surgery.experiments.sparsify_wide`), a linear
+bottleneck (`surgery.experiments.factorize` of a wide model to the baseline's budget) and a non-linear
+bottleneck (`surgery.experiments.nonlinear_bottleneck`) — plus a dense wide model with more parameters.
 
 Task: 10-class labels from a random ReLU teacher (64 -> 256 -> 10, argmax) on N(0, 1) inputs of
 dimension 64 (an 8x8 "image"; no data sets on this machine). Every model: SGD, momentum 0.9,
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.bottleneck import nonlinear_bottleneck
-from surgery.factorize import factorize
+from surgery.experiments.bottleneck import nonlinear_bottleneck
+from surgery.experiments.factorize import factorize
+from surgery.experiments.sparsity import sparsify_wide, trainable_parameters
 from surgery.report import render_table
-from surgery.sparsity import sparsify_wide, trainable_parameters
 from surgery.widths import widen
 
 

@@ -47,6 +47,9 @@ class Setup:
     kd_lr: float | None = None  # KD from a random start (default: lr, like vanilla)
     eval_every: int = 0  # >0: evaluate every so many steps for "steps to vanilla's final metric"
     teacher_lr: float | None = None
+    make_teacher: Callable[[], nn.Module] | None = None  # default: win.widen by teacher_factor
+    warmup: float = 0.0  # teacher, vanilla and KD: share of steps warming up (transformers)
+    clip: float | None = None  # teacher, vanilla and KD: gradient-norm clipping (transformers)
 
 
 def _methods(
@@ -62,6 +65,8 @@ def _methods(
             setup.steps,
             lr=setup.lr,
             optimizer=setup.optimizer,
+            warmup=setup.warmup,
+            clip=setup.clip,
             callback=track("thin vanilla"),
         )
         return s
@@ -77,6 +82,8 @@ def _methods(
             kd_weight=r.kd_weight,
             temperature=r.temperature,
             optimizer=setup.optimizer,
+            warmup=setup.warmup,
+            clip=setup.clip,
             callback=track("thin KD"),
         )
         return s
@@ -149,7 +156,11 @@ def run(setup: Setup, seeds: Sequence[int], metric: str) -> str:
     for seed in seeds:
         torch.manual_seed(seed)
         student0 = setup.make_student()
-        teacher = win.widen(student0, setup.teacher_factor, setup.example)
+        teacher = (
+            setup.make_teacher()
+            if setup.make_teacher
+            else win.widen(student0, setup.teacher_factor, setup.example)
+        )
         start = time.perf_counter()
         win.train(
             teacher,
@@ -157,6 +168,8 @@ def run(setup: Setup, seeds: Sequence[int], metric: str) -> str:
             setup.teacher_steps,
             lr=setup.teacher_lr or setup.lr,
             optimizer=setup.optimizer,
+            warmup=setup.warmup,
+            clip=setup.clip,
         )
         seconds["teacher"] = seconds.get("teacher", 0) + time.perf_counter() - start
         teacher_name = f"teacher ({setup.teacher_factor:g}x wide)"

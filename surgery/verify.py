@@ -16,10 +16,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 from torch.utils import _pytree
@@ -28,6 +26,9 @@ from .capture import _eval_mode, as_example_inputs
 from .errors import SurgeryError
 from .fold import strip_pairs, unwrap
 from .plan import Plan
+
+if TYPE_CHECKING:  # onnx and onnxruntime load only when a verify runs: `import surgery` stays light
+    import onnx
 from .report import render_table
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -191,6 +192,8 @@ def _run_onnx(
     proto: onnx.ModelProto, inputs: tuple[Any, ...], role: str
 ) -> tuple[list[torch.Tensor], str]:
     """The model's outputs from ONNX Runtime, and the execution provider that actually ran."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: keep provider-assignment warnings out of the CLI
     with _blame(f"ONNX Runtime could not run the {role} model"):

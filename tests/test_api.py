@@ -222,3 +222,18 @@ def test_sequential_root_pairs_and_folds():
         assert (
             max_rel_error(paired(x), model(x)) > 1e-3
         )  # the random pairs really changed the function
+
+
+def test_import_surgery_is_the_pipeline_only_and_loads_no_onnx():
+    """The top level keeps to the pipeline (<= 30 names); onnx / onnxruntime load only for verify."""
+    import subprocess
+    import sys
+
+    code = (
+        "import surgery, sys; import surgery.experiments as ex; "
+        "print(len(surgery.__all__), 'onnx' in sys.modules, 'onnxruntime' in sys.modules, "
+        "all(n not in surgery.__all__ for n in ex.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, onnx, ort, apart = out.stdout.split()
+    assert int(count) <= 30 and (onnx, ort, apart) == ("False", "False", "True")

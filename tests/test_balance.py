@@ -9,8 +9,13 @@ import torch
 from small_models import SmallResNet, mlp
 from torch import nn
 
-from surgery.balance import balanced_init, gradient_norms, scale_invariant, smooth_hinge_loss
-from surgery.sparsity import sparsify_wide
+from surgery.experiments.balance import (
+    balanced_init,
+    gradient_norms,
+    scale_invariant,
+    smooth_hinge_loss,
+)
+from surgery.experiments.sparsity import sparsify_wide
 
 
 def test_gradient_norms_match_autograd_and_leave_the_model_alone():

@@ -19,7 +19,7 @@ from surgery.rewrites.factor import factor_product, factor_svd, full_rank
 from torch import nn
 
 from surgery.errors import FoldError, PlanError
-from surgery.factorize import (
+from surgery.experiments.factorize import (
     Factorized,
     FactorPlan,
     contract,

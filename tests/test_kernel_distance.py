@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from surgery.kernel_distance import (
+from surgery.experiments.kernel_distance import (
     approx_terms,
     gp_kernel,
     infinite_width_kernel,

@@ -16,8 +16,8 @@ from small_models import SmallResNet, mlp
 from torch import nn
 
 from surgery.errors import PlanError
-from surgery.factorize import count_parameters
-from surgery.sparsity import (
+from surgery.experiments.factorize import count_parameters
+from surgery.experiments.sparsity import (
     MASK_SUFFIX,
     layer_proportional,
     load_masked,

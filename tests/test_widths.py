@@ -8,9 +8,9 @@ import torchvision
 from small_models import SmallResNet, mlp
 from torch import nn
 
-from surgery.bottleneck import nonlinear_bottleneck, plan_bottleneck
 from surgery.errors import PlanError
-from surgery.factorize import count_parameters
+from surgery.experiments.bottleneck import nonlinear_bottleneck, plan_bottleneck
+from surgery.experiments.factorize import count_parameters
 from surgery.widths import resize, widen, width_groups
 
 X_IMG = torch.randn(2, 3, 16, 16)

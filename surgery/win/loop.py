@@ -227,6 +227,7 @@ def imitate(
     earlier_lr: float = 1.0,
     warmup: float = 0.0,
     reset_narrow: bool = False,
+    clip: float | None = None,
 ) -> dict[str, float]:
     """Stage 2: stage by stage (each a chunk of consecutive sites), train the student prefix so that
     each site's probe M1(h) matches the teacher's block output; teacher frozen; cosine lr per stage.
@@ -237,7 +238,7 @@ def imitate(
     rate for the whole prefix; 0: earlier blocks frozen; MobileBERT keeps them at 0.1). warmup: share
     of each stage's steps spent warming the learning rate up (restarted every stage). reset_narrow:
     after each stage, M2 := pinv(M1) at its sites, so the pairs pass the student's features on
-    unchanged (they served as probes)."""
+    unchanged (they served as probes). clip: gradient-norm clipping (None: off)."""
     per_stage = [steps] * len(stages) if isinstance(steps, int) else list(steps)
     if len(per_stage) != len(stages):
         raise PlanError(f"{len(per_stage)} step budgets for {len(stages)} stages")
@@ -266,7 +267,7 @@ def imitate(
                     objective,
                     data,
                     budget,
-                    (lr, momentum, optimizer, warmup, groups),
+                    (lr, momentum, optimizer, warmup, groups, clip),
                     log,
                     tag,
                 )
@@ -304,12 +305,12 @@ def _imitation_stage(
     objective: Imitation,
     data: Iterator[Batch],
     steps: int,
-    optim: tuple[float, float, str, float, Any],
+    optim: tuple[float, float, str, float, Any, float | None],
     log: Log | None,
     tag: str,
 ) -> None:
     net.train()
-    lr, momentum, kind, warmup, groups = optim
+    lr, momentum, kind, warmup, groups, clip = optim
     opt, sched = _optimizer(net, steps, lr, momentum, 0.0, kind, warmup, groups)
     with progress_bar(enabled=_main_process()) as progress:
         task = progress.add_task(tag, total=steps)
@@ -318,6 +319,8 @@ def _imitation_stage(
             loss = objective(*_inputs(x))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
             sched.step()
             if log is not None:
@@ -433,6 +436,8 @@ class Recipe:
     imitation_warmup: float = (
         0.0  # share of each imitation stage spent warming up (restarted per stage)
     )
+    warmup: float = 0.0  # share of the fine-tuning steps spent warming the learning rate up
+    clip: float | None = None  # gradient-norm clipping in every stage (None: off)
     least_squares_start: bool = False  # closed-form M1 before the gradient steps (beyond the paper)
     merge: str = "after_finetune"  # or "after_imitation" (fold, then fine-tune the thin model)
     premerged: bool | str = "auto"  # train the paired model with merged pairs (surgery.premerged)
@@ -499,6 +504,8 @@ def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
         kd_weight=recipe.kd_weight,
         temperature=recipe.temperature,
         premerged=recipe.premerged,
+        warmup=recipe.warmup,
+        clip=recipe.clip,
     )
 
 
@@ -624,6 +631,7 @@ def win(
         earlier_lr=recipe.earlier_lr,
         warmup=recipe.imitation_warmup,
         reset_narrow=recipe.reset_narrow,
+        clip=recipe.clip,
     )
     finetune = dict(
         **finetune_options(recipe, teacher),

@@ -27,11 +27,11 @@ from torch import nn
 from surgery.rewrites import RULES
 from surgery.rewrites.factor import factor_svd, full_rank
 
-from .errors import FoldError, PlanError
-from .fold import unwrap
-from .jsontext import parse_json
-from .plan import Target
-from .report import render_table
+from ..errors import FoldError, PlanError
+from ..fold import unwrap
+from ..jsontext import parse_json
+from ..plan import Target
+from ..report import render_table
 
 FACTOR_PLAN_VERSION = 1
 FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -31,10 +31,10 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
-from .capture import as_example_inputs
-from .errors import PlanError
-from .report import render_table
-from .widths import widen
+from ..capture import as_example_inputs
+from ..errors import PlanError
+from ..report import render_table
+from ..widths import widen
 
 MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MASK_SUFFIX = ".parametrizations.weight.0.mask"

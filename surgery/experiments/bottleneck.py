@@ -22,9 +22,9 @@ from typing import Any
 
 from torch import nn
 
-from .capture import as_example_inputs
-from .errors import PlanError
-from .widths import WidthTable, resize, width_groups
+from ..capture import as_example_inputs
+from ..errors import PlanError
+from ..widths import WidthTable, resize, width_groups
 
 
 @dataclass
