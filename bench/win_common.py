@@ -108,7 +108,7 @@ def _methods(
         return win.win(s, teacher, setup.batches, setup.example, recipe("thin WIN")).thin
 
     def sampled_kd(s):
-        r = recipe("ablation: sampled start + KD, no imitation")
+        r = recipe("ablation: sampled start + KD, no imitation").for_model(s, setup.example)
         # the same start and the same fine-tuning as WIN's, over the whole budget
         recipe_start(s, teacher, setup.batches, setup.example, r)
         win.train(

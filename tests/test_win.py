@@ -215,6 +215,7 @@ def test_gpt2_student_imitates_a_deeper_teacher_through_probes():
         imitation_steps=15,
         finetune_steps=3,
         imitation_lr=0.05,
+        optimizer="sgd",  # the lr above is an SGD one (attention models default to AdamW)
     )
     result = win.win(student, teacher, batches, ids, recipe)
     kinds = {s.name: s.route.kind for s in result.paired.plan.sites}
@@ -379,3 +380,27 @@ def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge
         win.win(
             DeepThin(), trained_teacher, synthetic_batches(), X, win.Recipe(steps=10, restarts=1)
         )
+
+
+def test_recipe_defaults_are_chosen_from_the_model():
+    """AdamW with warm-up and clipping for a model with attention, the paper's SGD for a CNN; a field
+    the user set is kept."""
+    attention = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    tokens = torch.randn(2, 5, 16)
+    chosen = win.Recipe().for_model(attention, (tokens,))
+    assert (chosen.optimizer, chosen.finetune_lr, chosen.warmup, chosen.clip) == (
+        "adam",
+        1e-3,
+        0.05,
+        1.0,
+    )
+    cnn = win.Recipe().for_model(DeepThin(), X)
+    assert (cnn.optimizer, cnn.imitation_lr, cnn.finetune_lr, cnn.warmup, cnn.clip) == (
+        "sgd",
+        0.1,
+        0.01,
+        0.0,
+        0.0,
+    )
+    mine = win.Recipe(finetune_lr=3e-4, clip=0.5).for_model(attention, (tokens,))
+    assert (mine.optimizer, mine.finetune_lr, mine.clip) == ("adam", 3e-4, 0.5)

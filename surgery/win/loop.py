@@ -8,7 +8,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -415,11 +415,12 @@ class Recipe:
     steps: int | None = None
     imitation_share: float = 0.1  # measured on bench/win_vision.py (10% beat 20-30% there)
     imitation_steps: int | Sequence[int] = 100  # per stage
-    imitation_lr: float = 0.1
+    # None: chosen from the model by `for_model` (attention models: AdamW, warm-up, clipping)
+    imitation_lr: float | None = None  # SGD 0.1, AdamW 1e-3
     finetune_steps: int = 500
-    finetune_lr: float = 0.01
+    finetune_lr: float | None = None  # SGD 0.01, AdamW 1e-3
     momentum: float = 0.9
-    optimizer: str = "sgd"  # or "adam" (AdamW), for transformers
+    optimizer: str | None = None  # "sgd" (CNNs, the paper's) or "adam" (AdamW, transformers)
     weight_decay: float = 0.0  # the paper uses none in stages 2 and 3
     kd_weight: float = 1.0  # 1: KL to the teacher's logits only (the paper); 0: labels only
     temperature: float = 1.0
@@ -436,14 +437,38 @@ class Recipe:
     imitation_warmup: float = (
         0.0  # share of each imitation stage spent warming up (restarted per stage)
     )
-    warmup: float = 0.0  # share of the fine-tuning steps spent warming the learning rate up
-    clip: float | None = None  # gradient-norm clipping in every stage (None: off)
+    warmup: float | None = None  # share of fine-tuning steps warming up (SGD 0, AdamW 0.05)
+    clip: float | None = None  # gradient-norm clipping in every stage (SGD 0: off, AdamW 1.0)
     least_squares_start: bool = False  # closed-form M1 before the gradient steps (beyond the paper)
     merge: str = "after_finetune"  # or "after_imitation" (fold, then fine-tune the thin model)
     premerged: bool | str = "auto"  # train the paired model with merged pairs (surgery.premerged)
     # called as callback(model, student_step) after every fine-tuning step (step counted over the
     # whole recipe, imitation included): e.g. to measure time to quality
     callback: Callable[[nn.Module, int], Any] | None = None
+
+
+    def for_model(self, model: nn.Module, example_inputs: Any = None) -> Recipe:
+        """This recipe with every field left at None chosen for `model`: a model with attention
+        trains with AdamW (lr 1e-3, 5% warm-up, gradient norm clipped at 1), any other with the
+        paper's SGD (imitation lr 0.1, fine-tuning 0.01, no warm-up, no clipping)."""
+        optimizer = self.optimizer
+        if optimizer is None:
+            flow = capture(model, as_example_inputs(model, example_inputs))
+            attention = any(op.kind in ("attention", "matmul") for op in flow.ops.values())
+            optimizer = "adam" if attention else "sgd"
+        adam = optimizer == "adam"
+        chosen = dict(
+            optimizer=optimizer,
+            imitation_lr=1e-3 if adam else 0.1,
+            finetune_lr=1e-3 if adam else 0.01,
+            warmup=0.05 if adam else 0.0,
+            clip=1.0 if adam else 0.0,
+        )
+        return replace(self, **{k: v for k, v in chosen.items() if getattr(self, k) is None})
+
+
+def _clip(value: float | None) -> float | None:
+    return value or None  # 0: off
 
 
 @dataclass
@@ -494,7 +519,8 @@ def recipe_start(
 
 
 def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
-    """The `train` arguments of the recipe's stage 3 (KD fine-tuning from `teacher`)."""
+    """The `train` arguments of the recipe's stage 3 (KD fine-tuning from `teacher`); `recipe` as
+    resolved by `Recipe.for_model`."""
     return dict(
         lr=recipe.finetune_lr,
         momentum=recipe.momentum,
@@ -504,8 +530,8 @@ def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
         kd_weight=recipe.kd_weight,
         temperature=recipe.temperature,
         premerged=recipe.premerged,
-        warmup=recipe.warmup,
-        clip=recipe.clip,
+        warmup=recipe.warmup or 0.0,
+        clip=_clip(recipe.clip),
     )
 
 
@@ -594,8 +620,8 @@ def win(
     """Stages 2 and 3 of WIN on a trained teacher: pairs sized to the teacher's widths at every stage
     site (probe-only where a site cannot fold), layerwise imitation, fine-tuning with KD, fold.
     `student` is not modified; the result's `thin` has the student's exact architecture."""
-    recipe = recipe or Recipe()
     inputs = as_example_inputs(student, example_inputs)
+    recipe = (recipe or Recipe()).for_model(student, inputs)
     student = copy.deepcopy(student)
     if recipe.sampled_start:
         recipe_start(student, teacher, batches, inputs, recipe)
@@ -631,7 +657,7 @@ def win(
         earlier_lr=recipe.earlier_lr,
         warmup=recipe.imitation_warmup,
         reset_narrow=recipe.reset_narrow,
-        clip=recipe.clip,
+        clip=_clip(recipe.clip),
     )
     finetune = dict(
         **finetune_options(recipe, teacher),
