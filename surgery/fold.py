@@ -17,6 +17,7 @@ from torch import nn
 from surgery.rewrites import RULES
 from surgery.rewrites.insert import detach
 
+from . import sharded
 from .errors import FoldError
 from .plan import Plan, Site, Target
 
@@ -217,10 +218,21 @@ def strip_pairs(paired: nn.Module) -> nn.Module:
     return thin
 
 
-def fold(paired: nn.Module) -> nn.Module:
+def fold(paired: nn.Module, *, rank0_only: bool = False) -> nn.Module | None:
     """Merge every pair into the adjacent layers: an instance of the original model's class with
-    exactly the original state_dict keys and shapes (BatchNorm folds assume eval mode)."""
+    exactly the original state_dict keys and shapes (BatchNorm folds assume eval mode).
+    A model sharded by FSDP2 (`fully_shard`) is gathered with the distributed state-dict API (every
+    rank must call fold) and folded into a plain, unsharded model on every rank, or with rank0_only
+    on rank 0 alone (the other ranks get None and hold no full copy)."""
     plan = plan_of(paired)
+    if sharded.is_sharded(paired):
+        state = sharded.full_state_dict(unwrap(paired), rank0_only=rank0_only)
+        if not state:
+            return None  # rank0_only, and this is not rank 0
+        thin = sharded.plain_copy(unwrap(paired))
+        detach(thin)
+        thin.load_state_dict(fold_state_dict(state, plan), strict=True, assign=True)
+        return thin
     thin = strip_pairs(paired)
     thin.load_state_dict(fold_state_dict(unwrap(paired).state_dict(), plan), strict=True)
     return thin

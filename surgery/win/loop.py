@@ -446,7 +446,6 @@ class Recipe:
     # whole recipe, imitation included): e.g. to measure time to quality
     callback: Callable[[nn.Module, int], Any] | None = None
 
-
     def for_model(self, model: nn.Module, example_inputs: Any = None) -> Recipe:
         """This recipe with every field left at None chosen for `model`: a model with attention
         trains with AdamW (lr 1e-3, 5% warm-up, gradient norm clipped at 1), any other with the

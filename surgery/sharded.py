@@ -1,0 +1,85 @@
+"""Models held by FSDP2 (`torch.distributed.fsdp.fully_shard`): the full state dict gathered with
+the distributed state-dict API, and a plain copy of the module tree — the user's own classes, no
+sharding, no FSDP hooks — to load a folded state dict into (FSDP modules cannot be deep-copied)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _fsdp_module_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any module of `model` was wrapped by `fully_shard`."""
+    cls = _fsdp_module_class()
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def full_state_dict(model: nn.Module, *, rank0_only: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict on CPU, gathered shard by shard (every rank must call this). With
+    rank0_only the other ranks get an empty dict and rank 0 holds the only full copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if not rank0_only and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [state if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """The module tree of `model` in its original classes, without FSDP state or hooks, its
+    parameters and buffers on the meta device (load a state dict with assign=True)."""
+    fsdp = _fsdp_module_class()
+    cls = type(model)
+    if fsdp is not None and isinstance(model, fsdp):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, fsdp))
+    copy = cls.__new__(cls)
+    state = {
+        key: value
+        for key, value in model.__dict__.items()
+        if not key.startswith(("__composable_api_state_key", "_fsdp", "_is_fsdp"))
+    }
+    for key, value in list(state.items()):
+        if key.endswith("hooks") and isinstance(value, OrderedDict):
+            state[key] = OrderedDict((k, h) for k, h in value.items() if not _is_fsdp_hook(h))
+    state["_parameters"] = {
+        name: None if p is None else nn.Parameter(_meta(p), requires_grad=p.requires_grad)
+        for name, p in model._parameters.items()
+    }
+    state["_buffers"] = {
+        name: None if b is None else _meta(b) for name, b in model._buffers.items()
+    }
+    state["_modules"] = {
+        name: None if m is None else plain_copy(m) for name, m in model._modules.items()
+    }
+    for key in (
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    ):
+        kept = state["_forward_pre_hooks" if "pre" in key else "_forward_hooks"]
+        state[key] = OrderedDict((k, v) for k, v in state[key].items() if k in kept)
+    copy.__dict__.update(state)
+    return copy
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")  # a DTensor's shape is the global one
+
+
+def _is_fsdp_hook(hook: object) -> bool:
+    owner = getattr(hook, "__self__", hook)
+    return type(owner).__module__.startswith("torch.distributed.fsdp")

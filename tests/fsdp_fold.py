@@ -1,0 +1,45 @@
+"""Run under torchrun: fold a paired model sharded by FSDP2 (gloo, CPU mesh) on every rank and on
+rank 0 only, and write what this rank got so the test can compare it with the single-process fold."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from win_models import DeepThin, synthetic_batches
+
+import surgery
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)  # the same model and pairs on every rank
+    x = synthetic_batches()[0][0][:4].double()
+    student = DeepThin(width=6).double().eval()
+    paired = surgery.insert_pairs(student, x, wide=2.0, init="random", bias=True)
+    reference_thin = surgery.fold(copy.deepcopy(paired))
+    reference = reference_thin.state_dict()
+    for block in paired.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(paired, mesh=mesh)
+    every = surgery.fold(paired)
+    only0 = surgery.fold(paired, rank0_only=True)
+    result = {
+        "reference": reference,
+        "every": every.state_dict(),
+        "class": type(every).__name__,
+        "rank0": None if only0 is None else only0.state_dict(),
+        "outputs": (reference_thin(x).detach(), every(x).detach()),
+    }
+    torch.save(result, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
