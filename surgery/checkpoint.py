@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sharded
 from .attach import apply_plan
 from .errors import CheckpointError
 from .fold import unwrap
@@ -383,12 +384,20 @@ def save(
     at most `max_shard_size` bytes with an index; plus config.json for a Hugging Face model).
     source: how to rebuild the original model: an import path `package.module:factory` (with
     `kwargs`) or a surgery.sources.Source; Hugging Face models are recognised by themselves.
-    Deterministic: the same model gives the same bytes."""
+    Deterministic: the same model gives the same bytes. A model sharded by FSDP2 is gathered with
+    the distributed state-dict API (every rank must call save) and rank 0 alone writes the same
+    format; the other ranks write nothing and get the path back."""
     module = unwrap(model)
     if isinstance(source, str):
         source = source_of(source, kwargs)
+    if sharded.is_sharded(module):
+        state = sharded.full_state_dict(module, rank0_only=True)
+        if not state:
+            return Path(path)
+        module = sharded.plain_copy(module)  # the user's classes, for the source and the plan
+    else:
+        state = {name: t.detach().cpu() for name, t in module.state_dict().items()}
     source = source or source_of_model(module)
-    state = {name: t.detach().cpu() for name, t in module.state_dict().items()}
     specs = {name: Spec(name, t.dtype, tuple(t.shape)) for name, t in state.items()}
     metadata = _metadata(getattr(module, "plan", None), source)
     out = Output.layout(path, list(state), metadata, source, _split(specs, max_shard_size))

@@ -25,9 +25,13 @@ def main(out: str) -> None:
     paired = surgery.insert_pairs(student, x, wide=2.0, init="random", bias=True)
     reference_thin = surgery.fold(copy.deepcopy(paired))
     reference = reference_thin.state_dict()
+    source = dict(source="win_models:DeepThin", kwargs={"width": 6})
+    if rank == 0:
+        surgery.save(paired, f"{out}.unsharded.safetensors", **source)
     for block in paired.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(paired, mesh=mesh)
+    surgery.save(paired, f"{out}.sharded.safetensors", **source)  # rank 0 writes
     every = surgery.fold(paired)
     only0 = surgery.fold(paired, rank0_only=True)
     result = {

@@ -6,21 +6,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
-def _torchrun(script: str, out: Path) -> list[dict]:
-    path = Path(__file__).with_name(script)
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """tests/fsdp_fold.py on 2 ranks: what each rank folded and the checkpoints it saved."""
+    out = tmp_path_factory.mktemp("fsdp") / "fold"
+    path = Path(__file__).with_name("fsdp_fold.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
         [*cmd, str(path), str(out)], capture_output=True, text=True, timeout=300, cwd=path.parent
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    return out, [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
 
 
-def test_fold_of_an_fsdp2_model_equals_the_single_process_fold_bit_for_bit(tmp_path):
-    for rank, got in enumerate(_torchrun("fsdp_fold.py", tmp_path / "fold")):
+def test_fold_of_an_fsdp2_model_equals_the_single_process_fold_bit_for_bit(fsdp_run):
+    for rank, got in enumerate(fsdp_run[1]):
         reference = got["reference"]
         assert got["class"] == "DeepThin"  # the user's class, not FSDPDeepThin
         assert list(got["every"]) == list(reference)
@@ -30,3 +34,9 @@ def test_fold_of_an_fsdp2_model_equals_the_single_process_fold_bit_for_bit(tmp_p
             assert all(torch.equal(got["rank0"][k], v) for k, v in reference.items())
         else:
             assert got["rank0"] is None  # rank0_only: nothing gathered here
+
+
+def test_save_of_an_fsdp2_model_writes_the_same_bytes_as_unsharded(fsdp_run):
+    out = fsdp_run[0]
+    unsharded = Path(f"{out}.unsharded.safetensors").read_bytes()
+    assert Path(f"{out}.sharded.safetensors").read_bytes() == unsharded
