@@ -83,3 +83,14 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
 def _is_fsdp_hook(hook: object) -> bool:
     owner = getattr(hook, "__self__", hook)
     return type(owner).__module__.startswith("torch.distributed.fsdp")
+
+
+def gathered(model: nn.Module) -> nn.Module:
+    """`model` itself when it is not sharded; else a plain copy holding the full state on every
+    rank (every rank must call this)."""
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model, rank0_only=False)
+    plain = plain_copy(model)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain

@@ -8,19 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import max_rel_error
+
+
+def _torchrun(script: str, out: Path) -> list[dict]:
+    """`script` on 2 ranks (torchrun, gloo); what each rank wrote to `out`.RANK."""
+    path = Path(__file__).with_name(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*cmd, str(path), str(out)], capture_output=True, text=True, timeout=300, cwd=path.parent
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     """tests/fsdp_fold.py on 2 ranks: what each rank folded and the checkpoints it saved."""
     out = tmp_path_factory.mktemp("fsdp") / "fold"
-    path = Path(__file__).with_name("fsdp_fold.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*cmd, str(path), str(out)], capture_output=True, text=True, timeout=300, cwd=path.parent
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    return out, _torchrun("fsdp_fold.py", out)
 
 
 def test_fold_of_an_fsdp2_model_equals_the_single_process_fold_bit_for_bit(fsdp_run):
@@ -40,3 +46,20 @@ def test_save_of_an_fsdp2_model_writes_the_same_bytes_as_unsharded(fsdp_run):
     out = fsdp_run[0]
     unsharded = Path(f"{out}.unsharded.safetensors").read_bytes()
     assert Path(f"{out}.sharded.safetensors").read_bytes() == unsharded
+
+
+def test_win_under_fsdp2_equals_the_single_process_run(tmp_path):
+    """Imitation + fine-tuning sharded per block on 2 ranks, each holding half of every batch, ends
+    where one process on the whole batches ends (float64), on a CNN and on a tiny HF LLaMA."""
+    from fsdp_win import FAMILIES, run_win
+
+    ranks = _torchrun("fsdp_win.py", tmp_path / "win")
+    for family in FAMILIES:
+        single = run_win(family, world=1, rank=0)
+        assert not single["sharded"]
+        for got in ranks:
+            assert got[family]["sharded"] and got[family]["class"] == single["class"]
+            assert list(got[family]["thin"]) == list(single["thin"])
+            for name, value in single["thin"].items():
+                assert torch.equal(got[family]["thin"][name], ranks[0][family]["thin"][name])
+                assert max_rel_error(value, got[family]["thin"][name]) <= 1e-10, (family, name)

@@ -21,6 +21,7 @@ from surgery.errors import PlanError
 from surgery.fold import plan_of, unwrap
 from surgery.pairs import probe
 from surgery.plan import Placement
+from surgery.sharded import is_sharded
 
 Mapping_ = Mapping[str, str] | int | str
 
@@ -75,13 +76,15 @@ def _lookup(table: BlockTable, name: str):
 class _Taps:
     """Forward hooks on the teacher reading its tensors at given placements (the last one stops the forward)."""
 
-    def __init__(self, teacher: nn.Module, placements: dict[str, Placement]) -> None:
+    def __init__(
+        self, teacher: nn.Module, placements: dict[str, Placement], stop: bool = True
+    ) -> None:
         self.values: dict[str, torch.Tensor] = {}
         self.handles = []
         order = list(placements)
         for name, p in placements.items():
             module = teacher.get_submodule(p.module)
-            last = name == order[-1]
+            last = stop and name == order[-1]
             if p.where == "output":
                 self.handles.append(
                     module.register_forward_hook(self._reader(name, p, last, output=True))
@@ -153,7 +156,8 @@ class Imitation:
 
     def teacher_outputs(self, *inputs: Any) -> dict[str, torch.Tensor]:
         """The teacher's tensors at the mapped blocks (no grad; the forward stops after the last)."""
-        taps = _Taps(self.teacher, self.teacher_placements)
+        # a sharded teacher runs its whole forward: FSDP must see every module it unsharded finish
+        taps = _Taps(self.teacher, self.teacher_placements, stop=not is_sharded(self.teacher))
         was_training = self.teacher.training
         self.teacher.eval()
         try:
@@ -169,7 +173,9 @@ class Imitation:
     def __call__(self, *inputs: Any) -> torch.Tensor:
         """Summed imitation loss over the sites for one batch (per-site values in `self.last`)."""
         targets = self.teacher_outputs(*inputs)
-        distributed = isinstance(self.paired, nn.parallel.DistributedDataParallel)
+        distributed = isinstance(self.paired, nn.parallel.DistributedDataParallel) or is_sharded(
+            self.paired
+        )
         with probe(unwrap(self.paired), self.sites) as probes:
             stop = None if distributed else self._stop_after(self.sites[-1])
             try:
@@ -182,9 +188,7 @@ class Imitation:
             losses = {s: self._loss(probes[s], targets[s], s) for s in self.sites}
         self.last = {s: float(v.detach()) for s, v in losses.items()}
         total = sum(losses.values())
-        if (
-            distributed
-        ):  # every parameter takes part in the reduction (later blocks with zero gradient)
+        if distributed:  # every parameter takes part in the reduction (later blocks: zero gradient)
             total = total + 0.0 * sum(t.sum() for t in _tensor_leaves(out))
         return total
 

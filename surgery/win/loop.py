@@ -24,6 +24,7 @@ from surgery.paired import insert_pairs
 from surgery.pairs import is_paired
 from surgery.pairs import premerged as premerged_mode
 from surgery.report import progress_bar
+from surgery.sharded import gathered, is_sharded
 
 from .imitation import Imitation, Mapping_, least_squares_start, teacher_site, teacher_table
 from .sample import sample_from_teacher
@@ -57,11 +58,50 @@ def _main_process() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
-def _wrap(model: nn.Module) -> nn.Module:
-    """DistributedDataParallel under torchrun (unused parameters allowed: a stage trains a prefix)."""
-    if _distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
-        return nn.parallel.DistributedDataParallel(model)
-    return model
+SHARDINGS = ("auto", "ddp", "fsdp", "none")
+Sharding = str | Callable[[nn.Module], nn.Module]
+
+
+def _wrap(model: nn.Module, sharding: Sharding = "auto") -> nn.Module:
+    """The model as it trains: as the user already wrapped it (DDP, or FSDP2's fully_shard); else
+    `sharding(model)` for a callable; else, under torchrun, DistributedDataParallel ("auto", "ddp")
+    or FSDP2 per block and at the root ("fsdp", see `shard`); a single process trains it as it is."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or is_sharded(model):
+        return model
+    if callable(sharding):
+        return sharding(model)
+    if sharding not in SHARDINGS:
+        raise PlanError(f"sharding must be one of {SHARDINGS} or a callable, got {sharding!r}")
+    if sharding == "none" or not _distributed():
+        return model
+    if sharding == "fsdp":
+        return shard(model)
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def shard(model: nn.Module, blocks: Sequence[str] | None = None) -> nn.Module:
+    """FSDP2 in place: `fully_shard` each block, then the root, over a 1-D mesh of every rank.
+    blocks: module paths; default the plan's sites that are modules (a paired model) or else the
+    children of every nn.ModuleList (a transformer's layers)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if blocks is None:
+        sites = [s.name for s in model.plan.sites] if is_paired(model) else []
+        names = dict(model.named_modules())
+        blocks = [s for s in sites if s in names and s]
+        if not blocks:
+            blocks = [
+                f"{name}.{child}"
+                for name, m in model.named_modules()
+                if isinstance(m, nn.ModuleList) and not name.startswith("pairs")
+                for child, _ in m.named_children()
+            ]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for name in blocks:
+        fully_shard(model.get_submodule(name), mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -165,14 +205,16 @@ def train(
     callback: Callable[[nn.Module, int], Any] | None = None,
     warmup: float = 0.0,
     clip: float | None = None,
+    sharding: Sharding = "auto",
 ) -> list[float]:
     """Supervised training (teacher=None: stage 1, the vanilla baseline) or fine-tuning with labels
     plus KD from a frozen teacher's logits (stage 3; kd_weight=1 is the paper's KL-only loss).
     A paired model trains in pre-merged mode with this policy (surgery.set_premerged; False: off).
     callback(model, step) runs after every step (step counts from 1; e.g. to evaluate: the model is
     put back in training mode after it). warmup: share of the steps of linear learning-rate warm-up
-    before the cosine decay; clip: gradient-norm clipping (None: off) — transformers want both."""
-    net = _wrap(model)
+    before the cosine decay; clip: gradient-norm clipping (None: off) — transformers want both.
+    sharding: how it trains under torchrun (see `_wrap`); "fsdp" shards `model` in place."""
+    net = _wrap(model, sharding)
     net.train()
     opt, sched = _optimizer(net, steps, lr, momentum, weight_decay, optimizer, warmup)
     if teacher is not None:
@@ -228,6 +270,7 @@ def imitate(
     warmup: float = 0.0,
     reset_narrow: bool = False,
     clip: float | None = None,
+    sharding: Sharding = "auto",
 ) -> dict[str, float]:
     """Stage 2: stage by stage (each a chunk of consecutive sites), train the student prefix so that
     each site's probe M1(h) matches the teacher's block output; teacher frozen; cosine lr per stage.
@@ -245,7 +288,7 @@ def imitate(
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    net = _wrap(paired)
+    net = _wrap(paired, sharding)
     data = _cycle(batches)
     held_out = _inputs(next(data)[0])
     blocks = _newest_blocks(paired, example_inputs, stages) if restarts or earlier_lr != 1 else {}
@@ -442,6 +485,9 @@ class Recipe:
     least_squares_start: bool = False  # closed-form M1 before the gradient steps (beyond the paper)
     merge: str = "after_finetune"  # or "after_imitation" (fold, then fine-tune the thin model)
     premerged: bool | str = "auto"  # train the paired model with merged pairs (surgery.premerged)
+    # under torchrun: "auto"/"ddp" (DistributedDataParallel), "fsdp" (FSDP2 per block and at the
+    # root), "none", or a callable wrapping the model; a model already wrapped is used as it is
+    sharding: Sharding = "auto"
     # called as callback(model, student_step) after every fine-tuning step (step counted over the
     # whole recipe, imitation included): e.g. to measure time to quality
     callback: Callable[[nn.Module, int], Any] | None = None
@@ -531,6 +577,7 @@ def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
         premerged=recipe.premerged,
         warmup=recipe.warmup or 0.0,
         clip=_clip(recipe.clip),
+        sharding=recipe.sharding,
     )
 
 
@@ -657,6 +704,7 @@ def win(
         warmup=recipe.imitation_warmup,
         reset_narrow=recipe.reset_narrow,
         clip=_clip(recipe.clip),
+        sharding=recipe.sharding,
     )
     finetune = dict(
         **finetune_options(recipe, teacher),
@@ -670,6 +718,7 @@ def win(
     if recipe.merge == "after_imitation":
         thin = fold(paired.eval())
         train(thin, batches, finetune_steps, **finetune)
+        thin = gathered(thin)  # a plain model again when fine-tuning sharded it
     elif recipe.merge == "after_finetune":
         train(paired, batches, finetune_steps, **finetune)
         thin = fold(paired.eval())

@@ -1,0 +1,102 @@
+"""A short WIN run (imitation + fine-tuning) under FSDP2 on a small CNN and a tiny Hugging Face LLaMA.
+
+`run_win(family, world, rank)` is the run of one rank holding its slice of every global batch;
+with world=1 it is the single-process run on the whole batches. Under torchrun this script runs
+it on every rank (gloo, FSDP2 per block and at the root) and writes each rank's thin state dict."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+import transformers
+from torch import nn
+
+from surgery import win
+from surgery.sharded import is_sharded
+
+FAMILIES = ("cnn", "llama")
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.tanh(self.conv(x))
+
+
+class ResidualCNN(nn.Module):
+    """Conv blocks without BatchNorm: the global batch's statistics are not split across ranks."""
+
+    def __init__(self, width: int, depth: int = 2, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean((2, 3)))
+
+
+def _llama(hidden: int) -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _setup(family: str):
+    g = torch.Generator().manual_seed(1)
+    if family == "cnn":
+        student, teacher = ResidualCNN(4), ResidualCNN(8)
+        x = torch.randn(4, 8, 3, 6, 6, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 4, (4, 8), generator=g)
+        stages = [["blocks.0"], ["blocks.1"]]
+    else:
+        student, teacher = _llama(8), _llama(16)
+        x = torch.randint(0, 32, (4, 8, 6), generator=g)
+        y = torch.roll(x, -1, dims=2)
+        stages = [["model.layers.0"], ["model.layers.1"]]
+    return student.double(), teacher.double().eval(), list(zip(x, y, strict=True)), stages
+
+
+def run_win(family: str, world: int, rank: int) -> dict:
+    torch.manual_seed(0)
+    student, teacher, batches, stages = _setup(family)
+    mine = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
+    recipe = win.Recipe(
+        stages=stages,
+        imitation_steps=3,
+        finetune_steps=3,
+        optimizer="sgd",
+        imitation_lr=0.01,
+        finetune_lr=0.01,
+        loss="mse",
+        sharding="fsdp",
+    )
+    result = win.win(student, teacher, mine, batches[0][0][:2], recipe)
+    thin = {k: v.detach().clone() for k, v in result.thin.state_dict().items()}
+    return {"thin": thin, "sharded": is_sharded(result.paired), "class": type(result.thin).__name__}
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.save({f: run_win(f, world, rank) for f in FAMILIES}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
