@@ -13,6 +13,7 @@ import torch.distributed as dist
 import transformers
 from torch import nn
 
+import surgery
 from surgery import win
 from surgery.sharded import is_sharded
 
@@ -91,10 +92,26 @@ def run_win(family: str, world: int, rank: int) -> dict:
     return {"thin": thin, "sharded": is_sharded(result.paired), "class": type(result.thin).__name__}
 
 
+def run_premerged(world: int, rank: int) -> dict[str, list[float]]:
+    """This rank's loss trajectory of a paired CNN trained under FSDP2 with the pairs merged into
+    the weights ("always") and with the pairs on the activations (False)."""
+    losses = {}
+    for policy in ("always", False):
+        torch.manual_seed(0)
+        student, _, batches, _ = _setup("cnn")
+        paired = surgery.insert_pairs(student, batches[0][0][:2], init="random", bias=True)
+        mine = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
+        losses[str(policy)] = win.train(paired, mine, 4, lr=0.05, premerged=policy, sharding="fsdp")
+        assert is_sharded(paired) == (world > 1)
+    return losses
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.save({f: run_win(f, world, rank) for f in FAMILIES}, f"{out}.{rank}")
+    results = {f: run_win(f, world, rank) for f in FAMILIES}
+    results["premerged"] = run_premerged(world, rank)
+    torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
 

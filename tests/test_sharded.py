@@ -48,12 +48,25 @@ def test_save_of_an_fsdp2_model_writes_the_same_bytes_as_unsharded(fsdp_run):
     assert Path(f"{out}.sharded.safetensors").read_bytes() == unsharded
 
 
-def test_win_under_fsdp2_equals_the_single_process_run(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_win(tmp_path_factory) -> list[dict]:
+    """tests/fsdp_win.py on 2 ranks."""
+    return _torchrun("fsdp_win.py", tmp_path_factory.mktemp("fsdp") / "win")
+
+
+def test_premerged_training_under_fsdp2_follows_the_plain_trajectory(fsdp_win):
+    for got in fsdp_win:
+        merged, plain = got["premerged"]["always"], got["premerged"]["False"]
+        assert len(plain) == 4 and plain[-1] != plain[0]
+        assert max(abs(a - b) for a, b in zip(plain, merged, strict=True)) <= 1e-10
+
+
+def test_win_under_fsdp2_equals_the_single_process_run(fsdp_win):
     """Imitation + fine-tuning sharded per block on 2 ranks, each holding half of every batch, ends
     where one process on the whole batches ends (float64), on a CNN and on a tiny HF LLaMA."""
     from fsdp_win import FAMILIES, run_win
 
-    ranks = _torchrun("fsdp_win.py", tmp_path / "win")
+    ranks = fsdp_win
     for family in FAMILIES:
         single = run_win(family, world=1, rank=0)
         assert not single["sharded"]
