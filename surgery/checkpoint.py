@@ -27,6 +27,7 @@ from torch import nn
 
 from . import sharded
 from .attach import apply_plan
+from .dcpfile import METADATA, DcpFile, is_dcp
 from .errors import CheckpointError
 from .fold import unwrap
 from .jsontext import parse_json
@@ -39,6 +40,7 @@ PLAN_KEY, SOURCE_KEY = "surgery.plan", "surgery.source"
 WEIGHTS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
 PICKLES = (".pt", ".pth", ".bin", ".ckpt")
 PICKLED_WEIGHTS = "pytorch_model.bin"
+DCP_METADATA = "surgery.json"  # beside a torch.distributed.checkpoint directory: plan and source
 
 Shards = list[tuple[str, list[str]]]  # file name -> tensor names, in file order
 
@@ -63,6 +65,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     ) -> None:
         self.path, self.specs, self.shards = path, specs, shards
         self.plan_file: Path | None = None  # a --plan file given instead of the metadata's
+        self.extra_inputs: list[str] = []  # other files it reads (a DCP directory's surgery.json)
         self.files, self.tensors = files or {}, tensors
         self.plan = plan if plan is not None else _plan(metadata, path)
         self.source = source if source is not None else _source(metadata, path)
@@ -78,7 +81,14 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         beside = [self.path.parent / CONFIG] if (self.path.parent / CONFIG).is_file() else []
         plan = [self.plan_file] if self.plan_file is not None else []
         files = dict.fromkeys(f.path for f in self.files.values())
-        return list(dict.fromkeys(str(p) for p in (self.path, *files, *plan, *beside)))
+        stored = [
+            str(f.root / name) for f in self.files.values() for name in getattr(f, "stored", ())
+        ]
+        return list(
+            dict.fromkeys(
+                str(p) for p in (self.path, *files, *plan, *beside, *stored, *self.extra_inputs)
+            )
+        )
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.specs:
@@ -122,6 +132,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 def is_checkpoint(spec: str | os.PathLike[str]) -> bool:
     """Whether `spec` names a checkpoint (weights), as opposed to a model source."""
     path = Path(spec)
+    if is_dcp(path):
+        return True
     if path.is_dir():
         return any((path / name).is_file() for name in (WEIGHTS, INDEX, PICKLED_WEIGHTS))
     return path.is_file() and (
@@ -139,6 +151,10 @@ def open_checkpoint(
     either, or (with trust_pickle) a pickled .pt/.pth/.bin/.ckpt. `plan`: a Plan json file to use
     instead of the one in the metadata. Every header is checked before any tensor is trusted."""
     root = regular_input(path, "checkpoint")
+    if is_dcp(root):
+        checkpoint = _open_dcp(root, _plan_file(plan) if plan is not None else None)
+        checkpoint.plan_file = Path(plan) if plan is not None else None
+        return checkpoint
     if root.is_dir():
         found = [n for n in (INDEX, WEIGHTS, PICKLED_WEIGHTS) if (root / n).is_file()]
         if not found:
@@ -166,6 +182,29 @@ def open_checkpoint(
             f"holding {WEIGHTS}, or a pickle with --trust-pickle)"
         )
     checkpoint.plan_file = Path(plan) if plan is not None else None
+    return checkpoint
+
+
+def _open_dcp(root: Path, plan: Plan | None) -> Checkpoint:
+    """A torch.distributed.checkpoint directory (see surgery.dcpfile), its plan and source from the
+    surgery.json beside the shards (written by surgery.save_distributed) or --plan."""
+    file = DcpFile(root)
+    specs = {n: Spec(n, dtype, shape) for n, (dtype, shape) in file.entries.items()}
+    metadata: dict[str, str] = {}
+    beside = root / DCP_METADATA
+    if beside.exists():
+        try:
+            metadata = parse_json(regular_input(beside, "metadata").read_text())
+            assert isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        except (OSError, ValueError, AssertionError):
+            raise CheckpointError(
+                f"{beside}: not surgery metadata (JSON with string values)"
+            ) from None
+    checkpoint = Checkpoint(
+        root / METADATA, specs, [(METADATA, list(specs))], metadata,
+        files=dict.fromkeys(specs, file), plan=plan,
+    )  # fmt: skip
+    checkpoint.extra_inputs = [str(beside)] if beside.exists() else []
     return checkpoint
 
 
@@ -377,6 +416,7 @@ def save(
     source: Source | str | None = None,
     kwargs: dict[str, Any] | None = None,
     max_shard_size: int | str | None = None,
+    distributed: bool = False,
 ) -> Path:
     """Save a paired (or thin) model as safetensors with its Plan and the recipe to rebuild it.
 
@@ -386,10 +426,15 @@ def save(
     `kwargs`) or a surgery.sources.Source; Hugging Face models are recognised by themselves.
     Deterministic: the same model gives the same bytes. A model sharded by FSDP2 is gathered with
     the distributed state-dict API (every rank must call save) and rank 0 alone writes the same
-    format; the other ranks write nothing and get the path back."""
+    format; the other ranks write nothing and get the path back.
+    distributed: write a torch.distributed.checkpoint directory instead (`dcp.save`: under torchrun
+    every rank writes its own shards, nothing is gathered), with the plan and source in a
+    surgery.json beside them; `surgery fold DIR` folds it with no process group and no model code."""
     module = unwrap(model)
     if isinstance(source, str):
         source = source_of(source, kwargs)
+    if distributed:
+        return _save_dcp(module, Path(path), source)
     if sharded.is_sharded(module):
         state = sharded.full_state_dict(module, rank0_only=True)
         if not state:
@@ -405,6 +450,26 @@ def save(
         for name, tensor in state.items():
             writers.write(name, tensor)
     return out.path
+
+
+def _save_dcp(module: nn.Module, directory: Path, source: Source | None) -> Path:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise CheckpointError(
+            f"{directory} exists and is not an empty directory: refusing to write into it"
+        )
+    plain = sharded.plain_copy(module) if sharded.is_sharded(module) else module
+    metadata = _metadata(getattr(plain, "plan", None), source or source_of_model(plain))
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    dcp.save(module.state_dict(), checkpoint_id=str(directory), no_dist=not distributed)
+    if not distributed or dist.get_rank() == 0:
+        with atomic_output(directory / DCP_METADATA) as tmp:
+            Path(tmp).write_text(json.dumps(metadata, indent=1, sort_keys=True))
+    if distributed:
+        dist.barrier()
+    return directory
 
 
 def _metadata(plan: Plan | None, source: Source | None) -> dict[str, str]:

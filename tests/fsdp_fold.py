@@ -32,6 +32,7 @@ def main(out: str) -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(paired, mesh=mesh)
     surgery.save(paired, f"{out}.sharded.safetensors", **source)  # rank 0 writes
+    surgery.save(paired, f"{out}.dcp", **source, distributed=True)  # each rank its own shards
     every = surgery.fold(paired)
     only0 = surgery.fold(paired, rank0_only=True)
     result = {

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import max_rel_error
+from safetensors.torch import load_file
 
 
 def _torchrun(script: str, out: Path) -> list[dict]:
@@ -76,3 +77,19 @@ def test_win_under_fsdp2_equals_the_single_process_run(fsdp_win):
             for name, value in single["thin"].items():
                 assert torch.equal(got[family]["thin"][name], ranks[0][family]["thin"][name])
                 assert max_rel_error(value, got[family]["thin"][name]) <= 1e-10, (family, name)
+
+
+def test_surgery_fold_of_the_dcp_checkpoint_equals_the_single_process_fold(fsdp_run, tmp_path):
+    """A torch.distributed.checkpoint directory written by 2 ranks, folded by the command with no
+    process group and no model code, bit for bit the single-process fold (float64)."""
+    out, ranks = fsdp_run
+    thin = tmp_path / "thin.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "surgery.cli.main", "fold", f"{out}.dcp", "--out", str(thin)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    folded = load_file(thin)
+    reference = ranks[0]["reference"]
+    assert sorted(folded) == sorted(reference)
+    assert all(torch.equal(folded[k], v) for k, v in reference.items())
