@@ -3,18 +3,18 @@
 The WIN training stages are in `surgery.win`; the companion tools of papers 002/003 (factorize,
 sparsity, bottlenecks, balancing, kernel distance) in `surgery.experiments`."""
 
+from . import widths as widths  # width groups and resize (surgery.widths), used by win.widen
 from .attach import apply_plan
 from .blocks import BlockTable, Boundary
 from .checkpoint import Checkpoint, load, open_checkpoint, save
 from .errors import CaptureError, CheckpointError, FoldError, PlanError, SurgeryError
-from .fold import fold, fold_state_dict
+from .fold import ShardedFold, fold, fold_sharded, fold_state_dict
 from .paired import find_blocks, insert_pairs, plan_pairs
 from .pairs import Pair, premerged, probe, set_premerged
 from .plan import Plan
 from .sources import Source
 from .stream import FoldSummary, fold_checkpoint
 from .verify import VerifyReport, verify
-from .widths import WidthTable, resize, width_groups
 
 __all__ = [
     "BlockTable",
@@ -28,13 +28,14 @@ __all__ = [
     "Plan",
     "PlanError",
     "Source",
+    "ShardedFold",
     "SurgeryError",
     "VerifyReport",
-    "WidthTable",
     "apply_plan",
     "find_blocks",
     "fold",
     "fold_checkpoint",
+    "fold_sharded",
     "fold_state_dict",
     "insert_pairs",
     "load",
@@ -42,9 +43,7 @@ __all__ = [
     "plan_pairs",
     "premerged",
     "probe",
-    "resize",
     "save",
     "set_premerged",
     "verify",
-    "width_groups",
 ]

@@ -236,3 +236,35 @@ def fold(paired: nn.Module, *, rank0_only: bool = False) -> nn.Module | None:
     thin = strip_pairs(paired)
     thin.load_state_dict(fold_state_dict(unwrap(paired).state_dict(), plan), strict=True)
     return thin
+
+
+@dataclass
+class ShardedFold:
+    """What `fold_sharded` did on this rank: the model (now thin, still sharded), the bytes this rank
+    received to fold, and the bytes of the whole model (every parameter and buffer, unsharded)."""
+
+    model: nn.Module
+    received: int
+    model_bytes: int
+
+
+def fold_sharded(paired: nn.Module) -> ShardedFold:
+    """Fold an FSDP2-sharded paired model in place across ranks (every rank calls it): each fold
+    component's parameters are gathered, folded in float64 like `fold`, and written back to this
+    rank's shards; the pairs are dropped. No rank holds more than one component in full, and only
+    the parameters the plan folds cross ranks (see `received` against `model_bytes`)."""
+    model = unwrap(paired)
+    plan = plan_of(model)
+    if not sharded.is_sharded(model):
+        raise FoldError("fold_sharded folds a model sharded by FSDP2's fully_shard; use fold")
+    tensors = model.state_dict(keep_vars=True)
+    check_plan(plan, {name: tuple(t.shape) for name, t in tensors.items()})
+    state = sharded.Gathering(tensors)
+    with torch.no_grad():
+        for folded in fold_components(state, plan):
+            for name, value in folded.items():
+                sharded.write_back(tensors[name], value)
+    detach(model)
+    pair_keys = plan.pair_keys()
+    total = sum(t.numel() * t.element_size() for n, t in tensors.items() if n not in pair_keys)
+    return ShardedFold(model, state.received, total)

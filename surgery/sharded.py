@@ -5,6 +5,7 @@ sharding, no FSDP hooks — to load a folded state dict into (FSDP modules canno
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -94,3 +95,38 @@ def gathered(model: nn.Module) -> nn.Module:
     plain = plain_copy(model)
     plain.load_state_dict(state, strict=True, assign=True)
     return plain
+
+
+class Gathering(Mapping[str, torch.Tensor]):
+    """A sharded model's tensors, each gathered in full when read (a collective: every rank must
+    read the same names in the same order); `received` counts the bytes that came from other ranks."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors, self.received = tensors, 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        if not hasattr(t, "full_tensor"):
+            return t.detach()
+        full = t.full_tensor()
+        self.received += (full.numel() - t.to_local().numel()) * full.element_size()
+        return full.detach()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def write_back(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Store the full tensor `value` into `target` in place: a DTensor keeps only its own shard
+    (cut locally, as every rank holds the same `value`), a plain tensor all of it."""
+    value = value.to(target.dtype)
+    if hasattr(target, "to_local"):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(local.to_local())
+    else:
+        target.copy_(value)

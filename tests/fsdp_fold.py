@@ -13,6 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from win_models import DeepThin, synthetic_batches
 
 import surgery
+import surgery.sharded
 
 
 def main(out: str) -> None:
@@ -42,6 +43,11 @@ def main(out: str) -> None:
         "rank0": None if only0 is None else only0.state_dict(),
         "outputs": (reference_thin(x).detach(), every(x).detach()),
     }
+    report = surgery.fold_sharded(paired)  # in place, last: the model is thin and sharded after
+    result["in_place"] = surgery.sharded.full_state_dict(report.model, rank0_only=False)
+    result["in_place_class"] = type(report.model).__name__
+    result["in_place_output"] = report.model(x).detach()
+    result["bytes"] = (report.received, report.model_bytes)
     torch.save(result, f"{out}.{rank}")
     dist.destroy_process_group()
 

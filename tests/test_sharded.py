@@ -93,3 +93,16 @@ def test_surgery_fold_of_the_dcp_checkpoint_equals_the_single_process_fold(fsdp_
     reference = ranks[0]["reference"]
     assert sorted(folded) == sorted(reference)
     assert all(torch.equal(folded[k], v) for k, v in reference.items())
+
+
+def test_fold_sharded_folds_in_place_like_the_single_process_fold(fsdp_run):
+    """The sharded model itself becomes the thin one (still FSDP2): its gathered state equals the
+    single-process fold bit for bit, and only the folded parameters crossed ranks."""
+    for got in fsdp_run[1]:
+        reference = got["reference"]
+        assert sorted(got["in_place"]) == sorted(reference)  # the pairs are gone
+        assert all(torch.equal(got["in_place"][k], v) for k, v in reference.items())
+        assert got["in_place_class"] == "FSDPDeepThin"
+        assert torch.equal(got["in_place_output"], got["outputs"][0])
+        received, model_bytes = got["bytes"]
+        assert 0 < received < model_bytes
