@@ -231,8 +231,7 @@ def fold(paired: nn.Module, *, rank0_only: bool = False) -> nn.Module | None:
             return None  # rank0_only, and this is not rank 0
         thin = sharded.plain_copy(unwrap(paired))
         detach(thin)
-        thin.load_state_dict(fold_state_dict(state, plan), strict=True, assign=True)
-        return thin
+        return sharded.load_full(thin, fold_state_dict(state, plan))
     thin = strip_pairs(paired)
     thin.load_state_dict(fold_state_dict(unwrap(paired).state_dict(), plan), strict=True)
     return thin

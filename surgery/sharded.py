@@ -40,9 +40,10 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool) -> dict[str, torch.Te
     return state
 
 
-def plain_copy(model: nn.Module) -> nn.Module:
+def plain_copy(model: nn.Module, _memo: dict[int, nn.Parameter] | None = None) -> nn.Module:
     """The module tree of `model` in its original classes, without FSDP state or hooks, its
-    parameters and buffers on the meta device (load a state dict with assign=True)."""
+    parameters and buffers on the meta device (fill it with `load_full`); tied parameters stay tied."""
+    memo = {} if _memo is None else _memo
     fsdp = _fsdp_module_class()
     cls = type(model)
     if fsdp is not None and isinstance(model, fsdp):
@@ -57,14 +58,14 @@ def plain_copy(model: nn.Module) -> nn.Module:
         if key.endswith("hooks") and isinstance(value, OrderedDict):
             state[key] = OrderedDict((k, h) for k, h in value.items() if not _is_fsdp_hook(h))
     state["_parameters"] = {
-        name: None if p is None else nn.Parameter(_meta(p), requires_grad=p.requires_grad)
+        name: None if p is None else _meta_parameter(p, memo)
         for name, p in model._parameters.items()
     }
     state["_buffers"] = {
         name: None if b is None else _meta(b) for name, b in model._buffers.items()
     }
     state["_modules"] = {
-        name: None if m is None else plain_copy(m) for name, m in model._modules.items()
+        name: None if m is None else plain_copy(m, memo) for name, m in model._modules.items()
     }
     for key in (
         "_forward_pre_hooks_with_kwargs",
@@ -75,6 +76,28 @@ def plain_copy(model: nn.Module) -> nn.Module:
         state[key] = OrderedDict((k, v) for k, v in state[key].items() if k in kept)
     copy.__dict__.update(state)
     return copy
+
+
+def _meta_parameter(p: nn.Parameter, memo: dict[int, nn.Parameter]) -> nn.Parameter:
+    if id(p) not in memo:
+        memo[id(p)] = nn.Parameter(_meta(p), requires_grad=p.requires_grad)
+    return memo[id(p)]
+
+
+def load_full(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Fill a `plain_copy` with a full state dict without copying it (assign), then re-tie the
+    parameters the copy shares (assign gives each name its own tensor)."""
+    shared: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                shared.setdefault(id(p), []).append((module, name))
+    model.load_state_dict(state, strict=True, assign=True)
+    for places in shared.values():
+        first = places[0][0]._parameters[places[0][1]]
+        for module, name in places[1:]:
+            module._parameters[name] = first
+    return model
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
@@ -91,10 +114,7 @@ def gathered(model: nn.Module) -> nn.Module:
     rank (every rank must call this)."""
     if not is_sharded(model):
         return model
-    state = full_state_dict(model, rank0_only=False)
-    plain = plain_copy(model)
-    plain.load_state_dict(state, strict=True, assign=True)
-    return plain
+    return load_full(plain_copy(model), full_state_dict(model, rank0_only=False))
 
 
 class Gathering(Mapping[str, torch.Tensor]):

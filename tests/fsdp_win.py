@@ -17,7 +17,7 @@ import surgery
 from surgery import win
 from surgery.sharded import is_sharded
 
-FAMILIES = ("cnn", "llama")
+FAMILIES = ("cnn", "llama", "gpt2-tied")
 
 
 class Block(nn.Module):
@@ -58,6 +58,15 @@ def _llama(hidden: int) -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def _gpt2(hidden: int) -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=32, n_embd=hidden, n_layer=2, n_head=2, n_positions=8, use_cache=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # dropout would draw per-rank masks
+    )  # fmt: skip
+    config.bos_token_id = config.eos_token_id = 0
+    return transformers.GPT2LMHeadModel(config)  # lm_head tied to the token embedding
+
+
 def _setup(family: str):
     g = torch.Generator().manual_seed(1)
     if family == "cnn":
@@ -65,6 +74,11 @@ def _setup(family: str):
         x = torch.randn(4, 8, 3, 6, 6, generator=g, dtype=torch.float64)
         y = torch.randint(0, 4, (4, 8), generator=g)
         stages = [["blocks.0"], ["blocks.1"]]
+    elif family == "gpt2-tied":
+        student, teacher = _gpt2(8), _gpt2(16)
+        x = torch.randint(0, 32, (4, 8, 6), generator=g)
+        y = torch.roll(x, -1, dims=2)
+        stages = [["transformer.h.0"], ["transformer.h.1"]]
     else:
         student, teacher = _llama(8), _llama(16)
         x = torch.randint(0, 32, (4, 8, 6), generator=g)
@@ -89,7 +103,17 @@ def run_win(family: str, world: int, rank: int) -> dict:
     )
     result = win.win(student, teacher, mine, batches[0][0][:2], recipe)
     thin = {k: v.detach().clone() for k, v in result.thin.state_dict().items()}
-    return {"thin": thin, "sharded": is_sharded(result.paired), "class": type(result.thin).__name__}
+    tied = [
+        result.thin.get_submodule(m).weight is result.thin.get_submodule(e).weight
+        for m, e in [("lm_head", "transformer.wte")]
+        if family == "gpt2-tied"
+    ]
+    return {
+        "thin": thin,
+        "sharded": is_sharded(result.paired),
+        "class": type(result.thin).__name__,
+        "tied": tied,
+    }
 
 
 def run_premerged(world: int, rank: int) -> dict[str, list[float]]:

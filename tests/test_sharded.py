@@ -73,6 +73,7 @@ def test_win_under_fsdp2_equals_the_single_process_run(fsdp_win):
         assert not single["sharded"]
         for got in ranks:
             assert got[family]["sharded"] and got[family]["class"] == single["class"]
+            assert got[family]["tied"] == single["tied"]  # GPT-2's lm_head stays tied
             assert list(got[family]["thin"]) == list(single["thin"])
             for name, value in single["thin"].items():
                 assert torch.equal(got[family]["thin"][name], ranks[0][family]["thin"][name])
@@ -106,3 +107,18 @@ def test_fold_sharded_folds_in_place_like_the_single_process_fold(fsdp_run):
         assert torch.equal(got["in_place_output"], got["outputs"][0])
         received, model_bytes = got["bytes"]
         assert 0 < received < model_bytes
+
+
+def test_a_sharding_that_cuts_tied_weights_is_refused_before_training():
+    import transformers
+
+    from surgery import win
+    from surgery.errors import PlanError
+    from surgery.win.loop import _check_ties
+
+    config = transformers.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=8)
+    model = transformers.GPT2LMHeadModel(config)
+    _check_ties(model, ["transformer.h.0"])  # the tie stays at the root: fine
+    with pytest.raises(PlanError, match="tied weights transformer.wte.weight .*lm_head.weight"):
+        _check_ties(model, ["transformer.wte"])
+    assert win.shard  # the public entry point that runs this check

@@ -97,6 +97,7 @@ def shard(model: nn.Module, blocks: Sequence[str] | None = None) -> nn.Module:
                 if isinstance(m, nn.ModuleList) and not name.startswith("pairs")
                 for child, _ in m.named_children()
             ]
+    _check_ties(model, blocks)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     for name in blocks:
@@ -105,6 +106,27 @@ def shard(model: nn.Module, blocks: Sequence[str] | None = None) -> nn.Module:
 
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+def _check_ties(model: nn.Module, blocks: Sequence[str]) -> None:
+    """Refuse a sharding that would cut a tie: a parameter shared by modules in different FSDP units
+    (each unit shards its own copy, and the tie is silently lost)."""
+    units = sorted(blocks, key=len, reverse=True)  # the innermost unit owning a module wins
+
+    def unit(module: str) -> str:
+        return next((b for b in units if module == b or module.startswith(b + ".")), "")
+
+    owners: dict[int, dict[str, str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), {})[f"{module_name}.{name}".lstrip(".")] = unit(module_name)
+    for names in owners.values():
+        if len(set(names.values())) > 1:
+            shown = ", ".join(f"{n} (unit {u or 'root'})" for n, u in names.items())
+            raise PlanError(
+                f"sharding would cut tied weights {shown}: shard both in one unit (leave them at "
+                "the root) or untie them before training"
+            )
 
 
 def _optimizer(
