@@ -41,7 +41,9 @@ def corpus(chars: int) -> torch.Tensor:
     return torch.tensor([INDEX.get(c, INDEX["\x00"]) for c in joined], dtype=torch.long)
 
 
-def llama(layers: int, hidden: int, heads: int, kv_heads: int, context: int) -> transformers.LlamaForCausalLM:
+def llama(
+    layers: int, hidden: int, heads: int, kv_heads: int, context: int
+) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
         vocab_size=len(VOCAB),
         hidden_size=hidden,

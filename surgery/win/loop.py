@@ -76,7 +76,8 @@ def _wrap(model: nn.Module, sharding: Sharding = "auto") -> nn.Module:
         return model
     if sharding == "fsdp":
         return shard(model)
-    return nn.parallel.DistributedDataParallel(model)
+    # a paired model's probe-only widen maps take no part in the loss of a fine-tuning step
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=is_paired(model))
 
 
 def shard(model: nn.Module, blocks: Sequence[str] | None = None) -> nn.Module:
