@@ -19,6 +19,7 @@ from surgery.rewrites.insert import detach
 
 from . import sharded
 from .errors import FoldError
+from .pairs import pair_map
 from .plan import Plan, Site, Target
 
 
@@ -28,11 +29,8 @@ def pair_product(
     """(W, c) of a site's pair in float64: the pair maps h to W h + c."""
     pair = {role: state[name] for role, name in site.params.items() if name in state}
     _check_pair(site, {role: tuple(t.shape) for role, t in pair.items()})
-    m1, m2 = pair["widen.weight"].double(), pair["narrow.weight"].double()
-    W = m2 @ m1
-    if not site.bias:
-        return W, None
-    return W, m2 @ pair["widen.bias"].double() + pair["narrow.bias"].double()
+    biases = (pair["widen.bias"], pair["narrow.bias"]) if site.bias else (None, None)
+    return pair_map(pair["widen.weight"], pair["narrow.weight"], *biases)
 
 
 def _check_pair(site: Site, shapes: Mapping[str, tuple[int, ...]]) -> None:

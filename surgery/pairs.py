@@ -115,15 +115,22 @@ class Pair(nn.Module):
 
     @torch.no_grad()
     def product(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W, c) in float64 with W = M2 M1 and c = M2 b1 + b2: the pair maps h to W h + c."""
-        m1, m2 = self.widen.weight.double(), self.narrow.weight.double()
-        W = m2 @ m1
-        if self.widen.bias is None:
-            return W, None
-        return W, m2 @ self.widen.bias.double() + self.narrow.bias.double()
+        """(W, c) in float64: the pair maps h to W h + c (see `pair_map`)."""
+        return pair_map(self.widen.weight, self.narrow.weight, self.widen.bias, self.narrow.bias)
 
     def extra_repr(self) -> str:
         return f"d={self.d}, D={self.D}, bias={self.widen.bias is not None}"
+
+
+def pair_map(
+    m1: torch.Tensor, m2: torch.Tensor, b1: torch.Tensor | None, b2: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one definition of what a pair computes, in float64: W = M2 M1 and c = M2 b1 + b2 (None
+    without biases), so that the pair maps h to W h + c. Used by `Pair.product` and the fold."""
+    W = m2.double() @ m1.double()
+    if b1 is None:
+        return W, None
+    return W, m2.double() @ b1.double() + b2.double()
 
 
 class PairDict(nn.ModuleDict):

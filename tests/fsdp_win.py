@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 import transformers
+from small_models import tiny_hf_config
 from torch import nn
 
 import surgery
@@ -46,24 +47,18 @@ class ResidualCNN(nn.Module):
 
 
 def _llama(hidden: int) -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        use_cache=False,
-    )
+    config = tiny_hf_config(
+        "llama", vocab_size=32, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
     return transformers.LlamaForCausalLM(config)
 
 
 def _gpt2(hidden: int) -> nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=32, n_embd=hidden, n_layer=2, n_head=2, n_positions=8, use_cache=False,
+    config = tiny_hf_config(
+        "gpt2", vocab_size=32, n_embd=hidden, n_head=2, n_positions=8,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # dropout would draw per-rank masks
     )  # fmt: skip
-    config.bos_token_id = config.eos_token_id = 0
     return transformers.GPT2LMHeadModel(config)  # lm_head tied to the token embedding
 
 

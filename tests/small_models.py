@@ -73,3 +73,30 @@ def bn_act_net() -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(8, 4),
     )
+
+
+# The tests' one builder of small Hugging Face configs: per family its class and tiny defaults
+# (every test passes only what it changes, in the family's own field names).
+TINY_HF = {
+    "bert": ("BertConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, vocab_size=1000)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=1000,
+                                bos_token_id=0, eos_token_id=0)),
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)),
+    "mixtral": ("MixtralConfig", dict(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    "bart": ("BartConfig", dict(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1,
+                                encoder_attention_heads=4, decoder_attention_heads=4,
+                                encoder_ffn_dim=64, decoder_ffn_dim=64)),
+}  # fmt: skip
+
+
+def tiny_hf_config(family: str, **fields):
+    """A small Hugging Face config of `family` (see TINY_HF; no KV cache) with `fields` changed."""
+    import transformers
+
+    name, defaults = TINY_HF[family]
+    return getattr(transformers, name)(**{**defaults, "use_cache": False, **fields})

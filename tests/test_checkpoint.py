@@ -17,6 +17,7 @@ from conftest import max_rel_error, randomise_batchnorm
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from small_models import tiny_hf_config
 from torch import nn
 
 import surgery
@@ -260,9 +261,10 @@ def test_sources_parse_build_and_round_trip(tmp_path):
     source = source_of("torchvision.models:resnet18", {"num_classes": 3})
     assert source.build().fc.out_features == 3
     assert Source.from_json(source.to_json()) == source
-    transformers = pytest.importorskip("transformers")
-    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=64, vocab_size=100).save_pretrained(tmp_path)  # fmt: skip
+    pytest.importorskip("transformers")
+    tiny_hf_config(
+        "bert", num_hidden_layers=1, num_attention_heads=2, vocab_size=100
+    ).save_pretrained(tmp_path)
     for spec in (tmp_path, tmp_path / "config.json"):
         assert type(source_of(str(spec)).build()).__name__ == "BertModel"
     for spec, message in [

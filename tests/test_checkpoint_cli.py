@@ -14,6 +14,7 @@ import torchvision
 from conftest import max_rel_error, randomise_batchnorm
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from small_models import tiny_hf_config
 from surgery.cli.main import main
 
 from surgery.checkpoint import PLAN_KEY, load, save
@@ -66,14 +67,7 @@ def test_resnet18_insert_fold_strict_load_matches_paired(tmp_path):
 
 
 def test_bert_directory_round_trip_and_onnx_verify(tmp_path):
-    config = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=1000,
-        use_cache=False,
-    )
+    config = tiny_hf_config("bert", hidden_size=64, intermediate_size=128)
     transformers.BertModel(config).eval().save_pretrained(tmp_path / "bert")
     paired, thin = tmp_path / "paired", tmp_path / "thin"
     args = ("--input-shape", "2x16", "--init", "random", "--bias", "--out", paired)
@@ -95,15 +89,7 @@ def test_bert_directory_round_trip_and_onnx_verify(tmp_path):
 
 
 def test_gpt2_sharded_round_trip(tmp_path):
-    config = transformers.GPT2Config(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        vocab_size=1000,
-        use_cache=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    config = tiny_hf_config("gpt2", n_embd=64)
     transformers.GPT2LMHeadModel(config).eval().save_pretrained(tmp_path / "gpt2")
     paired, thin = tmp_path / "paired", tmp_path / "thin"
     probes = "transformer.h.0,transformer.h.1"  # pre-LN residual stream: probe only

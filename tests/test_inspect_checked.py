@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from small_models import tiny_hf_config
 from surgery.cli.main import main
 
 transformers = pytest.importorskip("transformers")
@@ -44,10 +45,7 @@ def test_inspect_says_every_site_was_checked(capsys, model, shape):
 
 
 def test_inspect_of_a_hugging_face_config_is_checked(capsys, tmp_path):
-    config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        vocab_size=100,
-    )  # fmt: skip
+    config = tiny_hf_config("bert", vocab_size=100)
     config.save_pretrained(tmp_path)
     rows = _site_rows(_inspect(capsys, str(tmp_path), "--input-shape", "1x8"))
     folding = [r for r in rows if not r[6].startswith("refused")]

@@ -6,6 +6,7 @@ import resource
 
 import pytest
 import torch
+from small_models import tiny_hf_config
 
 import surgery
 
@@ -13,14 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_llama_7b_plan_on_meta_device_allocates_no_weights():
-    config = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        vocab_size=32000,
-        use_cache=False,
-    )
+    config = tiny_hf_config(  # LLaMA-7B's shape, on the meta device
+        "llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+    )  # fmt: skip
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from conftest import max_rel_error, randomise_batchnorm
+from small_models import tiny_hf_config
 
 import surgery
 
@@ -21,25 +22,8 @@ def _out(o):
 
 def _models():
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-    gpt = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=1000,
-        use_cache=False,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    llama = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        use_cache=False,
-    )
+    gpt = tiny_hf_config("gpt2", n_head=2, tie_word_embeddings=False)
+    llama = tiny_hf_config("llama")
     return [
         (
             "resnet18",
@@ -133,9 +117,7 @@ def test_auto_policy_merges_only_where_it_pays_and_matches_plain(batch, merges):
 
 
 def test_the_product_is_formed_once_per_forward_and_shared_by_q_k_v(monkeypatch):
-    config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
+    config = tiny_hf_config("bert", num_attention_heads=2, vocab_size=30522)
     ids = torch.randint(0, 1000, (2, 8))
     paired = surgery.insert_pairs(transformers.BertModel(config).eval(), (ids,), init="random")
     calls = []

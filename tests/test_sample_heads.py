@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from small_models import tiny_hf_config
 from torch import nn
 
 from surgery import win
@@ -15,35 +16,23 @@ TOKENS = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0)
 
 
 def llama(hidden: int, heads: int, kv: int) -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        use_cache=False,
-    )
+    config = tiny_hf_config(
+        "llama", vocab_size=40, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=heads, num_key_value_heads=kv,
+    )  # fmt: skip
     return transformers.LlamaForCausalLM(config)
 
 
 def gpt2(hidden: int, heads: int) -> nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=40, n_embd=hidden, n_layer=2, n_head=heads, n_positions=16, use_cache=False
-    )
-    config.bos_token_id = config.eos_token_id = 0
+    config = tiny_hf_config("gpt2", vocab_size=40, n_embd=hidden, n_head=heads, n_positions=16)
     return transformers.GPT2LMHeadModel(config)
 
 
 def bert(hidden: int, heads: int) -> nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=16,
-    )
+    config = tiny_hf_config(
+        "bert", vocab_size=40, hidden_size=hidden, num_attention_heads=heads,
+        intermediate_size=2 * hidden, max_position_embeddings=16,
+    )  # fmt: skip
     return transformers.BertModel(config)
 
 

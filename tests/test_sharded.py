@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import max_rel_error
 from safetensors.torch import load_file
+from small_models import tiny_hf_config
 
 
 def _torchrun(script: str, out: Path) -> list[dict]:
@@ -116,7 +117,7 @@ def test_a_sharding_that_cuts_tied_weights_is_refused_before_training():
     from surgery.errors import PlanError
     from surgery.win.loop import _check_ties
 
-    config = transformers.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=8)
+    config = tiny_hf_config("gpt2", vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=8)
     model = transformers.GPT2LMHeadModel(config)
     _check_ties(model, ["transformer.h.0"])  # the tie stays at the root: fine
     with pytest.raises(PlanError, match="tied weights transformer.wte.weight .*lm_head.weight"):

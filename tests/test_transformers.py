@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from conftest import max_rel_error
+from small_models import tiny_hf_config
 from torch import nn
 
 import surgery
@@ -19,40 +20,19 @@ IDS = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0)
 
 
 def bert(layers=4):
-    config = transformers.BertConfig(
-        hidden_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=256,
-        vocab_size=1000,
+    config = tiny_hf_config(
+        "bert", hidden_size=128, num_hidden_layers=layers, intermediate_size=256
     )
     return transformers.BertModel(config).eval()
 
 
 def gpt2(tied=True):
-    config = transformers.GPT2Config(
-        n_embd=64,
-        n_layer=4,
-        n_head=4,
-        vocab_size=1000,
-        use_cache=False,
-        tie_word_embeddings=tied,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    config = tiny_hf_config("gpt2", n_embd=64, n_layer=4, tie_word_embeddings=tied)
     return transformers.GPT2LMHeadModel(config).eval()
 
 
 def llama():
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        use_cache=False,
-    )
+    config = tiny_hf_config("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -203,11 +183,7 @@ def test_transformer_encoder_packed_in_proj_folds(batch_first, bias):
 
 def test_mixture_of_experts_gets_attention_sites_and_folds_exactly():
     """A rank-0 transpose on the router path once crashed capture; the attention sites fold."""
-    config = transformers.MixtralConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, use_cache=False,
-    )  # fmt: skip
+    config = tiny_hf_config("mixtral")
     model = transformers.MixtralForCausalLM(config).eval()
     ids = IDS[:, :8] % 100
     table = surgery.find_blocks(model, (ids,))
@@ -222,10 +198,7 @@ def test_mixture_of_experts_gets_attention_sites_and_folds_exactly():
 
 
 def test_encoder_decoder_refusal_names_why():
-    config = transformers.BartConfig(
-        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, use_cache=False,
-    )  # fmt: skip
+    config = tiny_hf_config("bart")
     model = transformers.BartForConditionalGeneration(config).eval()
     ids = IDS[:, :8] % 100
     with pytest.raises(surgery.PlanError, match=r"no tensor carries all the activation flow"):

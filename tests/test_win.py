@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from conftest import max_rel_error
+from small_models import tiny_hf_config
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from win_models import DeepThin, synthetic_batches
@@ -163,12 +164,8 @@ def test_teacher_builders():
     ]
     transformers = pytest.importorskip("transformers")
     bert = transformers.BertModel(
-        transformers.BertConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            vocab_size=100,
+        tiny_hf_config(
+            "bert", hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=100
         )
     )
     wide_bert = win.widen(bert, 2)
@@ -193,15 +190,8 @@ def test_gpt2_student_imitates_a_deeper_teacher_through_probes():
     transformers = pytest.importorskip("transformers")
 
     def gpt(layers, width):
-        config = transformers.GPT2Config(
-            n_embd=width,
-            n_layer=layers,
-            n_head=2,
-            vocab_size=50,
-            n_positions=16,
-            use_cache=False,
-            bos_token_id=0,
-            eos_token_id=0,
+        config = tiny_hf_config(
+            "gpt2", n_embd=width, n_layer=layers, n_head=2, vocab_size=50, n_positions=16
         )
         return transformers.GPT2LMHeadModel(config).eval()
 
