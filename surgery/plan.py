@@ -6,11 +6,10 @@ algebra on a state_dict (see surgery.fold).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from .jsontext import parse_json
+from .jsontext import dataclass_json, from_data, parse_json
 
 PLAN_VERSION = 1
 PROBE_ONLY = (
@@ -132,7 +131,7 @@ class Plan:
                 )
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(asdict(self), indent=indent)
+        return dataclass_json(self, indent)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -144,20 +143,6 @@ class Plan:
             raise ValueError(
                 f"plan version {data.get('version')!r} is not {PLAN_VERSION}: re-plan with this surgery"
             )
-        sites = []
-        for s in data["sites"]:
-            route = dict(s["route"])
-            route["targets"] = [Target(**t) for t in route["targets"]]
-            route["placements"] = [Placement(**p) for p in route["placements"]]
-            sites.append(
-                Site(
-                    **{
-                        **s,
-                        "route": Route(**route),
-                        "probe": Placement(**s["probe"]) if s.get("probe") else None,
-                    }
-                )
-            )
-        plan = cls(**{**data, "sites": sites})
+        plan = from_data(cls, data)
         plan.validate()
         return plan

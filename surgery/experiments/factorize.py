@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import copy
 import heapq
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ from surgery.rewrites.factor import factor_svd, full_rank
 
 from ..errors import FoldError, PlanError
 from ..fold import unwrap
-from ..jsontext import parse_json
+from ..jsontext import dataclass_json, from_data, parse_json
 from ..plan import Target
 from ..report import render_table
 
@@ -73,7 +72,7 @@ class FactorPlan:
 
     def to_json(self, indent: int | None = 1) -> str:
         """The plan as JSON (FactorPlan.from_json reads it back)."""
-        return json.dumps(asdict(self), indent=indent)
+        return dataclass_json(self, indent)
 
     @classmethod
     def from_json(cls, text: str) -> FactorPlan:
@@ -81,8 +80,7 @@ class FactorPlan:
         data = parse_json(text)
         if data.get("version") != FACTOR_PLAN_VERSION:
             raise ValueError(f"factor plan version {data.get('version')!r} is not supported")
-        sites = [FactorSite(**{**s, "target": Target(**s["target"])}) for s in data["sites"]]
-        return cls(**{**data, "sites": sites})
+        return from_data(cls, data)
 
     def table(self) -> str:
         """Per layer: shape, rank / full rank and parameters before and after."""
