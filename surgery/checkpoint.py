@@ -29,8 +29,8 @@ from . import sharded
 from .attach import apply_plan
 from .dcpfile import METADATA, DcpFile, is_dcp
 from .errors import CheckpointError
-from .fold import unwrap
 from .jsontext import parse_json
+from .models import unwrap
 from .outputs import atomic_output, regular_input
 from .plan import Plan
 from .sources import Source, SourceError, source_of, source_of_model

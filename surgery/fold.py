@@ -19,6 +19,7 @@ from surgery.rewrites.insert import detach
 
 from . import sharded
 from .errors import FoldError
+from .models import plan_of, unwrap
 from .pairs import pair_map
 from .plan import Plan, Site, Target
 
@@ -187,26 +188,6 @@ def _apply(
         if value.shape != work[name].shape:
             raise FoldError(f"site {site.name!r}: {target.rule} changed the shape of {name}")
         work[name] = value
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def plan_of(paired: nn.Module) -> Plan:
-    plan = getattr(unwrap(paired), "plan", None)
-    if not isinstance(plan, Plan):
-        raise FoldError(
-            f"{type(paired).__name__} is not a paired model (it has no surgery plan): pass the result of surgery.insert_pairs"
-        )
-    return plan
 
 
 def strip_pairs(paired: nn.Module) -> nn.Module:

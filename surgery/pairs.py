@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import unwrap
+
 if TYPE_CHECKING:
     from .plan import Site
 
@@ -260,14 +262,10 @@ def premerged(paired: nn.Module, policy: bool | str = "auto") -> Iterator[nn.Mod
 
 def is_paired(model: nn.Module) -> bool:
     """Whether `model` (or the model inside a DDP / torch.compile wrapper) carries surgery pairs."""
-    from .fold import unwrap
-
     return isinstance(getattr(unwrap(model), "pairs", None), PairDict)
 
 
 def _pairs_of(paired: nn.Module) -> PairDict:
-    from .fold import unwrap
-
     if not is_paired(paired):
         raise TypeError(
             f"{type(paired).__name__} is not a paired model: pass the result of surgery.insert_pairs"

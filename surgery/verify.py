@@ -24,7 +24,8 @@ from torch.utils import _pytree
 
 from .capture import _eval_mode, as_example_inputs
 from .errors import SurgeryError
-from .fold import strip_pairs, unwrap
+from .fold import strip_pairs
+from .models import unwrap
 from .plan import Plan
 
 if TYPE_CHECKING:  # onnx and onnxruntime load only when a verify runs: `import surgery` stays light

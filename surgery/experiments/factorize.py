@@ -27,8 +27,8 @@ from surgery.rewrites import RULES
 from surgery.rewrites.factor import factor_svd, full_rank
 
 from ..errors import FoldError, PlanError
-from ..fold import unwrap
 from ..jsontext import dataclass_json, from_data, parse_json
+from ..models import unwrap
 from ..plan import Target
 from ..report import render_table
 

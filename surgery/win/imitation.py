@@ -18,7 +18,7 @@ from torch import nn
 from surgery.blocks import BlockTable, analyse
 from surgery.capture import as_example_inputs, capture
 from surgery.errors import PlanError
-from surgery.fold import plan_of, unwrap
+from surgery.models import plan_of, unwrap
 from surgery.pairs import probe
 from surgery.plan import Placement
 from surgery.sharded import is_sharded

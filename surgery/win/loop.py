@@ -19,7 +19,8 @@ from torch import nn
 from surgery.blocks import BlockTable, analyse
 from surgery.capture import as_example_inputs, capture
 from surgery.errors import PlanError
-from surgery.fold import fold, strip_pairs, unwrap
+from surgery.fold import fold, strip_pairs
+from surgery.models import unwrap
 from surgery.paired import insert_pairs
 from surgery.pairs import is_paired
 from surgery.pairs import premerged as premerged_mode
