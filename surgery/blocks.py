@@ -383,7 +383,6 @@ def _probe(
     """Where the paired model can read h to compute the WIN probe M1(h), or None."""
     if route is not None and route.kind != "consumer" and len(route.placements) == 1:
         return route.placements[0]
-    trivial = Placement("", "input", layout.axis)
     if route is not None and route.kind == "consumer":
         for p in route.placements:
             module_input = next(
@@ -417,5 +416,5 @@ def _probe(
             and flow.module_calls.get(user.module, 1) == 1
             and user.inputs[:1] == [head.name]
         ):
-            return Placement(user.module, "input", layout.axis, bias=trivial.bias)
+            return Placement(user.module, "input", layout.axis)
     return None

@@ -60,6 +60,10 @@ class Op:
     scope: tuple[str, ...] = ()  # enclosing module paths, outermost first
     source: str | None = None  # user source line, for messages
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:  # the vocabulary every later stage relies on
+            raise ValueError(f"op {self.name}: kind {self.kind!r} is not one of {KINDS}")
+
 
 @dataclass
 class Dataflow:

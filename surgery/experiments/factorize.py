@@ -389,7 +389,3 @@ def contract(factorized: nn.Module) -> nn.Module:
     thin.load_state_dict(contract_state_dict(factorized.state_dict(), plan), strict=True)
     return thin
 
-
-def factor_sites(model: nn.Module) -> dict[str, Factorized]:
-    """name -> Factorized module of a factorized model."""
-    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, Factorized)}
