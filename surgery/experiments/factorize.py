@@ -388,4 +388,3 @@ def contract(factorized: nn.Module) -> nn.Module:
     del thin.factor_plan
     thin.load_state_dict(contract_state_dict(factorized.state_dict(), plan), strict=True)
     return thin
-

@@ -14,7 +14,7 @@ from surgery.capture import as_example_inputs
 from surgery.errors import PlanError
 from surgery.widths import width_groups
 
-from .spaces import SpaceTable, index_spaces
+from .spaces import Space, SpaceTable, index_spaces
 
 
 @torch.no_grad()
@@ -177,11 +177,19 @@ def _choose(
                 [by_root[s_spaces.find(p)] + offsets[i] for i, p in enumerate(s.parts)]
             )
             continue
-        by_root[r] = _pick(s, t, s_spaces, t_spaces, by_root, generator)
+        by_root[r] = _pick(s, t, s_spaces, by_root, generator)
     return {i: by_root[s_spaces.find(i)] for i in range(len(s_spaces))}
 
 
-def _pick(s, t, s_spaces, t_spaces, by_root, generator) -> torch.Tensor:
+def _pick(
+    s: Space,
+    t: Space,
+    s_spaces: SpaceTable,
+    by_root: dict[int, torch.Tensor],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The teacher features student space `s` takes: all of them at equal width, else whole units
+    at random (query heads inside the key/value heads already chosen under grouped attention)."""
     if t.width < s.width:
         raise PlanError(
             f"sample_from_teacher: the teacher is narrower than the student at {s.key} ({t.width} < {s.width})"
