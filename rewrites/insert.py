@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from surgery.pairs import PREMERGE_POLICIES, Pair, PairDict
-from surgery.plan import Placement, Plan
+from surgery.plan import Placement, Plan, Target
 
-from .merged import MergedLayer, MixingCache, mergeable_kind
+from .merged import MergedLayer, MixingCache, local_targets
 
 
 @dataclass
@@ -28,6 +28,7 @@ class _Action:
     apply: bool  # run M2 M1 on the tensor
     record: bool  # store the probe M1(h)
     cache: MixingCache
+    targets: list[Target] | None = None  # the site's Targets in this module's own parameters
     merged_into: MergedLayer | None = None  # the layer whose weights take this pair when pre-merged
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +122,11 @@ def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
         for placement in site.route.placements:
             record = site.probe is not None and _same_place(placement, site.probe)
             probe_seen |= record
+            targets = local_targets(
+                site.route.targets, model.get_submodule(placement.module), placement.module
+            )
             hooks.setdefault((placement.module, placement.where), []).append(
-                _Action(pair, placement, True, record, cache)
+                _Action(pair, placement, True, record, cache, targets)
             )
         if site.probe is not None and not probe_seen:
             hooks.setdefault((site.probe.module, site.probe.where), []).append(
@@ -139,6 +143,7 @@ def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
     merged = [
         _install_merged_forward(
             model.get_submodule(path),
+            path,
             hooks.get((path, "input"), []),
             hooks.get((path, "output"), []),
             cache,
@@ -154,16 +159,19 @@ def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
 
 
 def _install_merged_forward(
-    module: nn.Module, inputs: list[_Action], outputs: list[_Action], cache: MixingCache
+    module: nn.Module,
+    path: str,
+    inputs: list[_Action],
+    outputs: list[_Action],
+    cache: MixingCache,
 ) -> MergedLayer | None:
-    """Let a Linear/Conv/Embedding that absorbs pairs run them pre-merged (see rewrites.merged)."""
-    kind = mergeable_kind(module)
+    """Let a layer whose pairs fold into its own parameters run them pre-merged (rewrites.merged)."""
     applied = [a for a in inputs + outputs if a.apply]
-    if kind is None or not applied:
+    if not applied or not all(a.targets for a in applied):
         return None
     merged = MergedLayer(
         module,
-        kind,
+        path,
         [a for a in inputs if a.apply],
         [a for a in outputs if a.apply],
         [a for a in inputs + outputs if not a.apply],

@@ -5,7 +5,10 @@ pair that do not grow with the batch, and gradients still reach M1 and M2 throug
     consumer side:  A' = A (I ⊗ W ⊗ I),  b' = b + A (1 ⊗ c ⊗ 1)   (pairs nearest the layer first)
     producer side:  A' = W A,            b' = W b + c              (in the order they apply)
 
-The same algebra as the fold (surgery.rewrites.algebra), in the model's dtype and under autograd.
+The fold's own recipe: each pair's Targets in the Plan, applied through the fold's rules
+(surgery.rewrites.RULES) to the layer's live parameters, in the model's dtype and under autograd, so a
+rule works in both modes or in neither. A layer takes part when its pairs' Targets change only its
+own parameters (a BatchNorm fold also changes the layer before it: its pairs run on activations).
 W = M2 M1 is formed at most once per forward of the paired model (MixingCache) and shared by every
 layer that takes it (q, k and v read one product), or skipped for a layer with few rows, where
 A M2 M1 = (A M2) M1 is cheaper. A layer runs its class's own forward instead (the hooks then apply
@@ -16,32 +19,33 @@ pairs on it (a classifier head after global pooling sees one row per sample).
 
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from surgery.normalize import classify_module
 from surgery.pairs import PREMERGE_POLICIES, same_layout
+from surgery.plan import Target
 
-from . import algebra
-
-# (weight input dim, weight output dim) per mergeable layer kind
-_AXES = {"linear": (1, 0), "conv1d_hf": (0, 1), "conv": (1, 0), "embedding": (None, 1)}
-# the feature dim of the layer's input activations
-_FEATURE_DIM = {"linear": -1, "conv1d_hf": -1, "conv": 1}
+from . import RULES
 
 
-def mergeable_kind(module: nn.Module) -> str | None:
-    """The kind of a layer whose pairs can be merged into its weights, or None."""
-    kind, attrs = classify_module(module)
-    if kind == "linear":
-        return "linear" if attrs.get("weight_in_axis", 1) == 1 else "conv1d_hf"
-    if kind in ("conv", "embedding"):
-        return kind
-    return None
+def local_targets(targets: list[Target], module: nn.Module, path: str) -> list[Target] | None:
+    """The targets among `targets` that change `module`'s own parameters (named under `path`), or
+    None when one of them also changes something else (a BatchNorm fold changes the layer before it):
+    a layer can run pre-merged only with every update its pairs need in its own parameters."""
+    prefix = f"{path}." if path else ""
+    own = {prefix + name for name in module._parameters}
+    found = []
+    for target in targets:
+        names = set(target.params.values())
+        if names <= own:
+            found.append(target)
+        elif names & own:
+            return None
+    return found
 
 
 class MixingCache:
@@ -75,22 +79,26 @@ class MixingCache:
 class MergedLayer:
     """Installed as a layer's instance `forward`: merged weights when pre-merging is on for every
     pair of the layer, none records a probe and the policy says merging pays for this input; the
-    class's own forward otherwise. The choice is a function of the input's shape only, so the hooks
-    that run the pairs on activations make the same choice for the same call."""
+    class's own forward otherwise. The merged weights are the site's own fold Targets applied through
+    the fold's rules (surgery.rewrites.RULES) to the live parameters, so every rule the fold knows
+    works here too. The choice is a function of the input's shape only, so the hooks that run the
+    pairs on activations make the same choice for the same call."""
 
     def __init__(
         self,
         module: nn.Module,
-        kind: str,
+        path: str,
         inputs: list[Any],
         outputs: list[Any],
         probes: list[Any],
         cache: MixingCache,
     ) -> None:
-        self.module, self.kind, self.cache = module, kind, cache
+        self.module, self.cache = module, cache
+        self.prefix = f"{path}." if path else ""
         self.inputs, self.outputs = inputs, outputs  # _Action lists (consumer side, producer side)
         self.pairs = [a.pair for a in inputs + outputs + probes]
         self.sharing: dict[Any, int] = {}  # pair -> how many layers it is merged into (see share)
+        self.output_sizes: dict[tuple[int, ...], int] = {}  # input shape -> output numel (seen)
         self.merge_cost = self._merge_cost()
         self.current = False  # the choice made for the call in progress (read by output hooks)
 
@@ -109,23 +117,25 @@ class MergedLayer:
         x = args[0] if args else next(iter(kwargs.values()))
         self.current = self.active(x)
         if not self.current:
-            return type(self.module).forward(self.module, *args, **kwargs)
-        weight, bias = self.merged()
-        return _run(self.module, self.kind, x, weight, bias)
+            out = type(self.module).forward(self.module, *args, **kwargs)
+        else:
+            with _substituted(self.module, self.merged()):
+                out = type(self.module).forward(self.module, *args, **kwargs)
+        if isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor):
+            self.output_sizes[tuple(x.shape)] = out.numel()
+        return out
 
     def pair_cost(self, x: torch.Tensor) -> float:
         """Multiply-adds of running this layer's pairs on the activations around input `x` (2 d D
-        per feature vector a pair maps); the backward pass scales both costs alike."""
+        per feature vector a pair maps); the backward pass scales both costs alike. The output's size
+        is the one seen for an input of this shape (before the first such call: merging not paying)."""
         cost = sum(2 * a.pair.D * x.numel() for a in self.inputs)  # x.numel() / d vectors
         if not self.outputs:
             return cost
-        rows = (
-            x.numel() if self.kind == "embedding" else x.numel() / x.shape[_FEATURE_DIM[self.kind]]
-        )
-        if self.kind == "conv":
-            rows /= math.prod(self.module.stride)  # output positions, near enough
-        out_features = self.module.weight.shape[_AXES[self.kind][1]]
-        return cost + sum(2 * a.pair.D * rows * out_features for a in self.outputs)
+        out = self.output_sizes.get(tuple(x.shape))
+        if out is None:
+            return -1.0
+        return cost + sum(2 * a.pair.D * out for a in self.outputs)
 
     def share(self, sharing: dict[Any, int]) -> None:
         """Set how many layers each pair is merged into (the insert pass knows, once all are built):
@@ -134,82 +144,68 @@ class MergedLayer:
         self.merge_cost = self._merge_cost()
 
     def _merge_cost(self) -> float:
-        """Multiply-adds of merging the pairs into the weight, each in its cheaper order (fixed by
+        """Multiply-adds of merging the pairs into the weights, each in its cheaper order (fixed by
         the shapes, so computed once, not per call)."""
-        return sum(
-            min(self._orders(self.module.weight, a.pair)) for a in self.inputs + self.outputs
-        )
+        return sum(min(self._orders(a)) for a in self.inputs + self.outputs)
 
-    def merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's weight and bias with its pairs folded in (differentiable)."""
-        in_axis, out_axis = _AXES[self.kind]
-        weight, bias = self.module.weight, getattr(self.module, "bias", None)
-        for action in reversed(self.inputs):  # the pair nearest the layer is absorbed first
-            pair, p = action.pair, action.placement
-            c = pair.shift() if p.bias else None
-            if c is not None:
-                bias = algebra.absorb_input_bias(
-                    bias, weight, c, in_axis, out_axis, p.outer, p.inner
-                )
-            if self._factor_first(weight, pair):  # A (M2 M1) = (A M2) M1
-                weight = algebra.absorb_input(weight, pair.narrow.weight, in_axis, p.outer, p.inner)
-                weight = algebra.absorb_input(weight, pair.widen.weight, in_axis, p.outer, p.inner)
-            else:
-                mixing = self.cache.mixing(pair)
-                weight = algebra.absorb_input(weight, mixing, in_axis, p.outer, p.inner)
-        for action in self.outputs:
-            pair = action.pair
-            c = pair.shift() if action.placement.bias else None
-            if self._factor_first(weight, pair):  # (M2 M1) A = M2 (M1 A)
-                weight = algebra.absorb_output(weight, pair.widen.weight, out_axis)
-                weight = algebra.absorb_output(weight, pair.narrow.weight, out_axis)
-            else:
-                weight = algebra.absorb_output(weight, self.cache.mixing(pair), out_axis)
-            if self.kind == "embedding":
-                weight = weight + c if c is not None else weight
-            elif bias is not None or c is not None:
-                bias = _output_bias(bias, pair, c)
-        # the products leave the weight in whatever strides they produce; run it as the thin layer runs
-        return same_layout(weight, self.module.weight), bias
+    def merged(self) -> dict[str, torch.Tensor]:
+        """The layer's parameters with its pairs folded in (differentiable), by attribute name:
+        consumer-side pairs nearest the layer first, then producer-side pairs in the order they
+        apply; each pair's targets in plan order."""
+        values: dict[str, torch.Tensor] = {}
+        for action in [*reversed(self.inputs), *self.outputs]:
+            steps = self._steps(action)
+            for target in action.targets:
+                algebra = RULES[target.rule]
+                names = {role: name[len(self.prefix) :] for role, name in target.params.items()}
+                for W, c in steps:
+                    current = {
+                        role: values.get(attr, getattr(self.module, attr))
+                        for role, attr in names.items()
+                    }
+                    for role, value in algebra(target, current, W, c).items():
+                        values[names[role]] = value
+        # the products leave each tensor in whatever strides they produce: run it as the thin layer
+        return {attr: same_layout(v, getattr(self.module, attr)) for attr, v in values.items()}
 
-    def _factor_first(self, weight: torch.Tensor, pair: Any) -> bool:
-        factored, product = self._orders(weight, pair)
-        return factored < product
+    def _steps(self, action: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The (W, c) steps absorbing the action's pair: its two factors when every target's rule
+        takes them and they are cheaper (A (M2 M1) = (A M2) M1), else W = M2 M1 (the last step)."""
+        pair = action.pair
+        c = pair.shift() if action.placement.bias else None
+        sides = {RULES[t.rule].factors for t in action.targets}
+        factored, product = self._orders(action)
+        if len(sides) == 1 and None not in sides and factored < product:
+            first, second = (
+                (pair.narrow.weight, pair.widen.weight)
+                if sides == {"input"}
+                else (pair.widen.weight, pair.narrow.weight)
+            )
+            return [(first, None), (second, c)]
+        return [(self.cache.mixing(pair), c)]
 
-    def _orders(self, weight: torch.Tensor, pair: Any) -> tuple[float, float]:
-        """Multiply-adds of absorbing `pair` into the layer's m = weight.numel() / d rows: by M2 then
-        M1 (2 m D d), or by W = M2 M1 (this layer's share of forming W, d D d, plus m d d)."""
+    def _orders(self, action: Any) -> tuple[float, float]:
+        """Multiply-adds of absorbing the action's pair into the layer's m = numel / d rows of its
+        largest changed tensor: by the two factors (2 m D d), or by W = M2 M1 (this layer's share
+        of forming W, d D d, plus m d d)."""
+        pair = action.pair
         d, D = pair.d, pair.D
-        m = weight.numel() / d
+        sizes = [
+            getattr(self.module, name[len(self.prefix) :]).numel()
+            for t in action.targets
+            for name in t.params.values()
+        ]
+        m = max(sizes, default=0) / d
         return 2 * m * D * d, d * D * d / self.sharing.get(pair, 1) + m * d * d
 
 
-def _output_bias(bias: torch.Tensor | None, pair: Any, c: torch.Tensor | None) -> torch.Tensor:
-    """W b + c, computed as M2 (M1 b) + c (never forming W for a vector)."""
-    out = pair.narrow.weight @ (pair.widen.weight @ bias) if bias is not None else 0
-    return out + c if c is not None else out
-
-
-def _run(
-    module: nn.Module, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    if kind == "linear":
-        return F.linear(x, weight, bias)
-    if kind == "conv":
-        return module._conv_forward(x, weight, bias)
-    if kind == "conv1d_hf":  # Hugging Face Conv1D: x @ W[in, out] + b
-        out = (
-            torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
-            if bias is not None
-            else x.reshape(-1, x.shape[-1]) @ weight
-        )
-        return out.view(*x.shape[:-1], weight.shape[1])
-    return F.embedding(
-        x,
-        weight,
-        module.padding_idx,
-        module.max_norm,
-        module.norm_type,
-        module.scale_grad_by_freq,
-        module.sparse,
-    )
+@contextlib.contextmanager
+def _substituted(module: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run `module` with some of its parameters replaced by computed tensors (gradients flow back
+    through them to the parameters they were computed from)."""
+    saved = {name: module._parameters[name] for name in values}
+    try:
+        module._parameters.update(values)  # type: ignore[arg-type]
+        yield
+    finally:
+        module._parameters.update(saved)

@@ -39,6 +39,16 @@ def _models():
             {"bias": True, "sites": "auto"},
         ),
         ("llama", transformers.LlamaForCausalLM(llama).eval(), (ids,), {}),
+        (  # packed q/k/v: the pair merges into MultiheadAttention's in_proj_weight
+            "mha+bias",
+            torch.nn.Sequential(
+                torch.nn.Linear(8, 16),
+                torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                torch.nn.Linear(16, 4),  # not the LayerNorm's output: its mean square is ~constant
+            ).eval(),
+            (torch.randn(2, 5, 8),),
+            {"bias": True},
+        ),
     ]
 
 
@@ -50,6 +60,8 @@ def test_premerged_matches_plain_forward_and_gradients(name, model, inputs, kwar
     twin = copy.deepcopy(paired)
     merged_layers = [m for m in twin.modules() if "forward" in m.__dict__]
     assert merged_layers, "no layer can merge its pairs"
+    if name.startswith("mha"):
+        assert any(isinstance(m, torch.nn.MultiheadAttention) for m in merged_layers)
     plain = _out(paired(*inputs))
     with surgery.premerged(twin, "always"):
         merged = _out(twin(*inputs))
