@@ -8,9 +8,11 @@ so all three slices absorb the same W on their input dim, exactly as a Linear co
 from __future__ import annotations
 
 from surgery.graph import Layout, Op
-from surgery.plan import Placement, Target
+from surgery.plan import Placement
 
 from .common import RuleContext, unshared_reason, where
+from .linear_conv import input_targets
+from .rule import Fold
 
 
 class PackedAttentionConsumer:
@@ -33,17 +35,15 @@ class PackedAttentionConsumer:
             return f"{where(op)} has no in_proj_bias to absorb the pair's bias (use bias=False)"
         return None
 
-    def targets(self, op: Op, layout: Layout, ctx: RuleContext) -> list[Target]:
-        found = []
-        if ctx.bias:
-            params = {"weight": op.params["in_proj_weight"], "bias": op.params["in_proj_bias"]}
-            found.append(Target("input_bias", params, axis=1, out_axis=0))
-        found.append(Target("input_weight", {"weight": op.params["in_proj_weight"]}, axis=1))
-        return found
+    def fold(self, op: Op, layout: Layout, ctx: RuleContext) -> Fold:
+        weight = op.params["in_proj_weight"]
+        bias = op.params["in_proj_bias"] if ctx.bias else None
+        return Fold(
+            input_targets(weight, bias, 1, 0, layout),
+            # the pre-hook replaces every positional argument that is h: query, key and value
+            [Placement(op.module or "", "input", layout.axis)],
+            [weight],
+        )
 
-    def placement(self, op: Op, layout: Layout) -> Placement:
-        # the pre-hook replaces every positional argument that is h: query, key and value
-        return Placement(op.module or "", "input", layout.axis)
 
-    def absorbed(self, op: Op) -> str:
-        return op.params["in_proj_weight"]
+CONSUMERS = (PackedAttentionConsumer(),)

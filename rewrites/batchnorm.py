@@ -8,11 +8,15 @@ folded BatchNorm no longer normalises batches, so say so and prefer a consumer-s
 
 from __future__ import annotations
 
+import torch
+
 from surgery.graph import Op
 from surgery.plan import Placement, Target
 
+from . import algebra
 from .common import RuleContext, feature_axis, unshared_reason, where
 from .linear_conv import LayerProducer, weight_axes, writer_reason
+from .rule import Algebra, Fold, Tensors
 
 NOTE = "{bn} folds into {layer} and becomes an identity: exact in eval mode only"
 
@@ -36,7 +40,7 @@ class BatchNormProducer:
             return f"{where(layer)}'s output also feeds other ops than BatchNorm {where(op)}"
         return writer_reason(layer, ctx)  # the layer needs no bias: BN's beta takes the pair bias
 
-    def targets(self, op: Op, ctx: RuleContext) -> list[Target]:
+    def fold(self, op: Op, ctx: RuleContext) -> Fold:
         layer = ctx.flow.ops[op.inputs[0]]
         params = {
             role: op.params[role] for role in ("weight", "bias", "running_mean", "running_var")
@@ -44,12 +48,30 @@ class BatchNormProducer:
         params["producer_weight"] = layer.params["weight"]
         if "bias" in layer.params:
             params["producer_bias"] = layer.params["bias"]
-        return [
-            Target("batchnorm_through", params, axis=weight_axes(layer)[1], eps=op.attrs["eps"])
-        ]
+        axis = weight_axes(layer)[1]
+        return Fold(
+            [Target("batchnorm_through", params, axis=axis, eps=op.attrs["eps"])],
+            [Placement(op.module or "", "output", feature_axis(op))],
+            [op.params["weight"], layer.params["weight"]],
+            [NOTE.format(bn=where(op), layer=where(layer))],
+        )
 
-    def placements(self, op: Op, ctx: RuleContext) -> list[Placement]:
-        return [Placement(op.module or "", "output", feature_axis(op))]
 
-    def note(self, op: Op, ctx: RuleContext) -> str:
-        return NOTE.format(bn=where(op), layer=where(ctx.flow.ops[op.inputs[0]]))
+def _batchnorm_through(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
+    assert t.eps is not None
+    return algebra.batchnorm_through(
+        p["producer_weight"],
+        p.get("producer_bias"),
+        p["weight"],
+        p["bias"],
+        p["running_mean"],
+        p["running_var"],
+        t.eps,
+        W,
+        c,
+        t.axis,
+    )
+
+
+PRODUCERS = (BatchNormProducer(),)
+ALGEBRA = {"batchnorm_through": Algebra(_batchnorm_through, None)}

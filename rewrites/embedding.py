@@ -6,10 +6,14 @@ so every row absorbs W and the pair bias: E' = E Wᵀ + c (a lookup returns exac
 
 from __future__ import annotations
 
+import torch
+
 from surgery.graph import Op
 from surgery.plan import Placement, Target
 
+from . import algebra
 from .common import RuleContext, feature_axis, unshared_reason, where
+from .rule import Algebra, Fold, Tensors
 
 
 class EmbeddingProducer:
@@ -23,11 +27,12 @@ class EmbeddingProducer:
             return f"embedding {where(op)} renormalises rows (max_norm): W would change the norms"
         return unshared_reason(op, ctx)
 
-    def targets(self, op: Op, ctx: RuleContext) -> list[Target]:
-        return [Target("embedding_table", {"weight": op.params["weight"]}, axis=1)]
-
-    def placements(self, op: Op, ctx: RuleContext) -> list[Placement]:
-        return [Placement(op.module or "", "output", feature_axis(op))]
+    def fold(self, op: Op, ctx: RuleContext) -> Fold:
+        return Fold(
+            [Target("embedding_table", {"weight": op.params["weight"]}, axis=1)],
+            [Placement(op.module or "", "output", feature_axis(op))],
+            [op.params["weight"]],
+        )
 
 
 class EmbeddingSumProducer:
@@ -65,18 +70,26 @@ class EmbeddingSumProducer:
                 return reason
         return None
 
-    def targets(self, op: Op, ctx: RuleContext) -> list[Target]:
+    def fold(self, op: Op, ctx: RuleContext) -> Fold:
         tables = self.tables(op, ctx)
         assert not isinstance(tables, str)
-        return [
-            Target("embedding_table", {"weight": t.params["weight"]}, axis=1, add_bias=i == 0)
-            for i, t in enumerate(tables)
-        ]
+        return Fold(
+            [
+                Target("embedding_table", {"weight": t.params["weight"]}, axis=1, add_bias=i == 0)
+                for i, t in enumerate(tables)
+            ],
+            [
+                Placement(t.module or "", "output", feature_axis(t), bias=i == 0)
+                for i, t in enumerate(tables)
+            ],
+            [t.params["weight"] for t in tables],
+        )
 
-    def placements(self, op: Op, ctx: RuleContext) -> list[Placement]:
-        tables = self.tables(op, ctx)
-        assert not isinstance(tables, str)
-        return [
-            Placement(t.module or "", "output", feature_axis(t), bias=i == 0)
-            for i, t in enumerate(tables)
-        ]
+
+def _embedding_table(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
+    table = algebra.absorb_output(p["weight"], W, t.axis)
+    return {"weight": table + c if c is not None and t.add_bias else table}
+
+
+PRODUCERS = (EmbeddingProducer(), EmbeddingSumProducer())
+ALGEBRA = {"embedding_table": Algebra(_embedding_table, "output")}

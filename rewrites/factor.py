@@ -18,7 +18,7 @@ import torch
 
 from surgery.plan import Target
 
-Tensors = dict[str, torch.Tensor]
+from .rule import Algebra, Tensors
 
 
 def full_rank(weight_shape: tuple[int, ...] | list[int], groups: int = 1) -> int:
@@ -82,3 +82,6 @@ def factor_rule(t: Target, p: Tensors, W: torch.Tensor | None, c: torch.Tensor |
     if "second_bias" in p:
         out["bias"] = p["second_bias"]
     return out
+
+
+ALGEBRA = {"factor_product": Algebra(factor_rule, None)}

@@ -9,10 +9,14 @@ Producer (the pair reads the layer's output, on every edge):  W (A x + b) + c  =
 
 from __future__ import annotations
 
+import torch
+
 from surgery.graph import Layout, Op
 from surgery.plan import Placement, Target
 
+from . import algebra
 from .common import RuleContext, feature_axis, unshared_reason, where
+from .rule import Algebra, Fold, Tensors
 
 
 def _zero_padded(op: Op) -> bool:
@@ -55,36 +59,29 @@ class LayerConsumer:
                 )
         return None
 
-    def targets(self, op: Op, layout: Layout, ctx: RuleContext) -> list[Target]:
+    def fold(self, op: Op, layout: Layout, ctx: RuleContext) -> Fold:
         in_axis, out_axis = weight_axes(op)
-        found = []
-        if ctx.bias:
-            found.append(
-                Target(
-                    "input_bias",
-                    {"weight": op.params["weight"], "bias": op.params["bias"]},
-                    axis=in_axis,
-                    out_axis=out_axis,
-                    outer=layout.outer,
-                    inner=layout.inner,
-                )
-            )
-        found.append(
-            Target(
-                "input_weight",
-                {"weight": op.params["weight"]},
-                axis=in_axis,
-                outer=layout.outer,
-                inner=layout.inner,
-            )
+        weight, bias = op.params["weight"], op.params.get("bias") if ctx.bias else None
+        return Fold(
+            input_targets(weight, bias, in_axis, out_axis, layout),
+            [Placement(op.module or "", "input", layout.axis, layout.outer, layout.inner)],
+            [weight],
         )
-        return found
 
-    def placement(self, op: Op, layout: Layout) -> Placement:
-        return Placement(op.module or "", "input", layout.axis, layout.outer, layout.inner)
 
-    def absorbed(self, op: Op) -> str:
-        return op.params["weight"]
+def input_targets(
+    weight: str, bias: str | None, in_axis: int, out_axis: int, layout: Layout
+) -> list[Target]:
+    """A consumer's updates: the pair bias into `bias` first (it reads the weight before W
+    does), then W into the weight's input dim."""
+    found = []
+    if bias is not None:
+        params = {"weight": weight, "bias": bias}
+        found.append(Target("input_bias", params, in_axis, out_axis, layout.outer, layout.inner))
+    found.append(
+        Target("input_weight", {"weight": weight}, in_axis, outer=layout.outer, inner=layout.inner)
+    )
+    return found
 
 
 def layout_rank(op: Op, ctx: RuleContext) -> int:
@@ -119,11 +116,49 @@ class LayerProducer:
             return f"{where(op)} has no bias to absorb the pair's bias (use bias=False)"
         return None
 
-    def targets(self, op: Op, ctx: RuleContext) -> list[Target]:
-        found = [Target("output_weight", {"weight": op.params["weight"]}, axis=weight_axes(op)[1])]
-        if "bias" in op.params:
-            found.append(Target("output_bias", {"bias": op.params["bias"]}))
-        return found
+    def fold(self, op: Op, ctx: RuleContext) -> Fold:
+        return Fold(
+            output_targets(op, weight_axes(op)[1]),
+            [Placement(op.module or "", "output", feature_axis(op))],
+            [op.params["weight"]],
+        )
 
-    def placements(self, op: Op, ctx: RuleContext) -> list[Placement]:
-        return [Placement(op.module or "", "output", feature_axis(op))]
+
+def output_targets(op: Op, out_axis: int) -> list[Target]:
+    """A producer's updates: W into the weight's output dim `out_axis`, W b + c into its bias."""
+    found = [Target("output_weight", {"weight": op.params["weight"]}, axis=out_axis)]
+    if "bias" in op.params:
+        found.append(Target("output_bias", {"bias": op.params["bias"]}))
+    return found
+
+
+def _input_weight(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
+    return {"weight": algebra.absorb_input(p["weight"], W, t.axis, t.outer, t.inner)}
+
+
+def _input_bias(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
+    if c is None:  # no pair bias (yet: see Algebra.factors)
+        return {}
+    return {
+        "bias": algebra.absorb_input_bias(
+            p["bias"], p["weight"], c, t.axis, t.out_axis, t.outer, t.inner
+        )
+    }
+
+
+def _output_weight(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
+    return {"weight": algebra.absorb_output(p["weight"], W, t.axis)}
+
+
+def _output_bias(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
+    return {"bias": algebra.absorb_output_bias(p["bias"], W, c if t.add_bias else None)}
+
+
+CONSUMERS = (LayerConsumer(),)
+PRODUCERS = (LayerProducer(),)
+ALGEBRA = {
+    "input_weight": Algebra(_input_weight, "input"),
+    "input_bias": Algebra(_input_bias, "input"),  # reads A before input_weight: plan order
+    "output_weight": Algebra(_output_weight, "output"),
+    "output_bias": Algebra(_output_bias, "output"),
+}

@@ -8,14 +8,13 @@ reason. If no edge absorbs, try the producer of h (it then replaces h on every e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from surgery.rewrites import CONSUMER_RULES, PRODUCER_RULES, channel_ops
-from surgery.rewrites.batchnorm import BatchNormProducer
 from surgery.rewrites.common import RuleContext, where
+from surgery.rewrites.rule import ConsumerRule
 
 from .graph import Layout, Op
-from .plan import Placement, Route, Target
+from .plan import Route
 
 _EDGE_REASONS = {
     "nonlinear": "{op} is not linear",
@@ -43,7 +42,9 @@ def edge_reason(op: Op) -> str:
 
 @dataclass
 class _ConsumerSearch:
-    absorbing: list[tuple[Any, Op, Layout]] = field(default_factory=list)  # rule, layer, layout
+    absorbing: list[tuple[ConsumerRule, Op, Layout]] = field(
+        default_factory=list
+    )  # rule, layer, layout
     kept: dict[str, str] = field(default_factory=dict)  # where -> why the edge keeps h
 
 
@@ -84,13 +85,14 @@ def consumer_route(
     _walk(head, layout, ctx, found)
     if not found.absorbing:
         return None, found.kept
-    targets: list[Target] = []
-    placements: list[Placement] = []
+    route = Route("consumer", [], [], [], kept=found.kept)
     for rule, op, at in found.absorbing:
-        targets += rule.targets(op, at, ctx)
-        placements.append(rule.placement(op, at))
-    absorbed = [rule.absorbed(op) for rule, op, _ in found.absorbing]
-    return Route("consumer", targets, placements, absorbed, kept=found.kept), found.kept
+        fold = rule.fold(op, at, ctx)
+        route.targets += fold.targets
+        route.placements += fold.placements
+        route.absorbed_by += fold.absorbed
+        route.notes += fold.notes
+    return route, found.kept
 
 
 def producer_route(head: Op, ctx: RuleContext) -> tuple[Route | None, str]:
@@ -103,16 +105,9 @@ def producer_route(head: Op, ctx: RuleContext) -> tuple[Route | None, str]:
         reason = rule.check(head, ctx)
         if reason is not None:
             return None, reason
-        targets = rule.targets(head, ctx)
-        absorbed = [
-            name
-            for t in targets
-            for role, name in t.params.items()
-            if role in ("weight", "producer_weight")
-        ]
-        notes = [rule.note(head, ctx)] if isinstance(rule, BatchNormProducer) else []
+        fold = rule.fold(head, ctx)
         return Route(
-            rule.route_kind, targets, rule.placements(head, ctx), absorbed, notes=notes
+            rule.route_kind, fold.targets, fold.placements, fold.absorbed, notes=fold.notes
         ), ""
     return None, f"{where(head)}: {edge_reason(head)}"
 
