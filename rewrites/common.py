@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from surgery.graph import Dataflow, Op
+from surgery.graph import CHANNELS_FIRST, Dataflow, Op
 
 
 @dataclass
@@ -52,4 +52,4 @@ def unshared_reason(op: Op, ctx: RuleContext) -> str | None:
 def feature_axis(op: Op) -> int:
     """The axis an op writes features to: 1 for convs and BatchNorm (N, C, ...), else the last."""
     rank = len(op.shape or ())
-    return 1 if op.kind in ("conv", "batch_norm") and rank >= 2 else rank - 1
+    return 1 if op.kind in CHANNELS_FIRST and rank >= 2 else rank - 1

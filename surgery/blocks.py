@@ -16,7 +16,7 @@ import networkx as nx
 from surgery.rewrites import channel_ops
 from surgery.rewrites.common import RuleContext
 
-from .graph import Dataflow, Layout, Op
+from .graph import CHANNELS_FIRST, Dataflow, Layout, Op
 from .plan import Placement, Route
 from .report import render_table
 from .routes import find_route
@@ -264,9 +264,9 @@ def feature_axes(flow: Dataflow, users: dict[str, list[str]]) -> dict[str, int]:
     for op in flow.ops.values():
         rank = len(op.shape or ())
         if op.kind == "input":
-            reads_conv = any(flow.ops[u].kind in ("conv", "batch_norm") for u in users[op.name])
+            reads_conv = any(flow.ops[u].kind in CHANNELS_FIRST for u in users[op.name])
             axes[op.name] = 1 if reads_conv and rank >= 2 else max(rank - 1, 0)
-        elif op.kind in ("conv", "batch_norm"):
+        elif op.kind in CHANNELS_FIRST:
             axes[op.name] = 1 if rank >= 2 else 0
         elif op.inputs and op.kind not in ("linear", "embedding", "norm", "attention", "matmul"):
             src = flow.ops[op.inputs[0]]

@@ -18,6 +18,7 @@ KINDS = (
     "output",
     "linear",
     "conv",
+    "conv_transpose",
     "batch_norm",
     "embedding",
     "transparent",
@@ -31,6 +32,8 @@ KINDS = (
     "attention",
     "other",
 )
+# kinds whose tensors are (N, C, ...): features on axis 1 (everything else: the last axis)
+CHANNELS_FIRST = ("conv", "conv_transpose", "batch_norm")
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def _is_custom_norm(m: nn.Module) -> bool:
     return name.endswith(("RMSNorm", "LayerNorm")) and next(m.children(), None) is None
 
 
-LEAF_KINDS = ("linear", "conv", "batch_norm", "embedding", "norm", "attention")
+LEAF_KINDS = ("linear", "conv", "conv_transpose", "batch_norm", "embedding", "norm", "attention")
 
 
 def is_leaf(m: nn.Module) -> bool:
@@ -156,7 +156,7 @@ def classify_module(m: nn.Module) -> Classified:
         return "linear", {"weight_in_axis": 0, "weight_out_axis": 1}
     if isinstance(m, nn.modules.conv._ConvNd):
         if m.transposed:
-            return "other", {"why": "transposed convolutions are not supported yet"}
+            return "conv_transpose", {**_conv_attrs(m), "output_padding": tuple(m.output_padding)}
         return "conv", _conv_attrs(m)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return "batch_norm", {
@@ -336,6 +336,13 @@ def _reduce_attrs(name: str, rank: int, dims: Any, keepdim: Any) -> Classified:
     }
 
 
+_CONV_TRANSPOSE_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+_FUNCTIONAL_CONV_TRANSPOSE = (
+    "functional transposed convolution: use an nn.ConvTranspose module so the pair has a module "
+    "to attach to"
+)
+
+
 def classify_function(
     fn: Any, args: Sequence[Any], kwargs: dict[str, Any], n_tensor_args: int, rank: int
 ) -> Classified:
@@ -347,7 +354,7 @@ def classify_function(
         return _binary(_OPERATOR_BINARY[fn], n_tensor_args, scalar)
     if fn is F.linear:
         return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
-    if fn in (F.conv1d, F.conv2d, F.conv3d):
+    if fn in (F.conv1d, F.conv2d, F.conv3d, *_CONV_TRANSPOSE_FUNCTIONS):
         return "other", {
             "why": "functional convolution: use an nn.Conv module so the pair has a module to attach to"
         }
@@ -490,11 +497,13 @@ def classify_aten(target: Any, args: Sequence[Any], n_tensor_args: int, rank: in
     name = _aten(str(target))
     if name == "linear":
         return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
+    if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+        return "other", {"why": _FUNCTIONAL_CONV_TRANSPOSE}
     if name in ("conv1d", "conv2d", "conv3d", "convolution"):
         if name == "convolution":
             stride, padding, dilation, transposed, _, groups = args[3:9]
             if transposed:
-                return "other", {"why": "transposed convolutions are not supported yet"}
+                return "other", {"why": _FUNCTIONAL_CONV_TRANSPOSE}
         else:
             stride, padding, dilation, groups = (list(args[3:7]) + [1, 0, 1, 1][len(args[3:7]) :])[
                 :4
