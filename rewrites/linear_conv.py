@@ -109,27 +109,31 @@ class LayerProducer:
     route_kind = "producer"
 
     def check(self, op: Op, ctx: RuleContext) -> str | None:
-        reason = writer_reason(op, ctx)
-        if reason:
-            return reason
-        if ctx.bias and "bias" not in op.params:
-            return f"{where(op)} has no bias to absorb the pair's bias (use bias=False)"
-        return None
+        return producer_reason(op, ctx, writer_reason(op, ctx))
 
     def fold(self, op: Op, ctx: RuleContext) -> Fold:
-        return Fold(
-            output_targets(op, weight_axes(op)[1]),
-            [Placement(op.module or "", "output", feature_axis(op))],
-            [op.params["weight"]],
-        )
+        return producer_fold(op, weight_axes(op)[1])
 
 
-def output_targets(op: Op, out_axis: int) -> list[Target]:
-    """A producer's updates: W into the weight's output dim `out_axis`, W b + c into its bias."""
-    found = [Target("output_weight", {"weight": op.params["weight"]}, axis=out_axis)]
+def producer_reason(op: Op, ctx: RuleContext, writer: str | None) -> str | None:
+    """Why a layer cannot take a producer fold: `writer` (why it cannot write mixed channels), or
+    no bias for the pair's bias; None when it can."""
+    if writer:
+        return writer
+    if ctx.bias and "bias" not in op.params:
+        return f"{where(op)} has no bias to absorb the pair's bias (use bias=False)"
+    return None
+
+
+def producer_fold(op: Op, out_axis: int) -> Fold:
+    """A producer's fold: W into the weight's output dim `out_axis`, W b + c into its bias; the
+    pair runs on the layer's output until then."""
+    targets = [Target("output_weight", {"weight": op.params["weight"]}, axis=out_axis)]
     if "bias" in op.params:
-        found.append(Target("output_bias", {"bias": op.params["bias"]}))
-    return found
+        targets.append(Target("output_bias", {"bias": op.params["bias"]}))
+    return Fold(
+        targets, [Placement(op.module or "", "output", feature_axis(op))], [op.params["weight"]]
+    )
 
 
 def _input_weight(t: Target, p: Tensors, W: torch.Tensor, c: torch.Tensor | None) -> Tensors:
