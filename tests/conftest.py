@@ -36,6 +36,14 @@ def randomise_batchnorm(model: nn.Module, generator: torch.Generator | None = No
     return model
 
 
+def safetensors_metadata(path: os.PathLike[str] | str) -> dict[str, str]:
+    """The metadata of a safetensors file (where surgery keeps the plan and the model source)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as file:
+        return file.metadata()
+
+
 def max_rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """max |a - b| / max |a| (normwise; never a signed sum)."""
     ref, cand = reference.detach().double(), candidate.detach().double()
@@ -45,6 +53,16 @@ def max_rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (threads only cost barrier waits, and
+    LAPACK on 2 threads per xdist worker oversubscribes 2 cores); the setting is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 MLP_SIZES = [8, 16, 16, 4]

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import max_rel_error, randomise_batchnorm
-from safetensors import safe_open
+from conftest import max_rel_error, randomise_batchnorm, safetensors_metadata
 from safetensors.torch import load_file, save_file
 from small_models import tiny_hf_config
 from surgery.cli.main import main
@@ -136,14 +135,9 @@ def _tensors_edited(change):
     def make(src: Path, dst: Path) -> None:
         state = load_file(src)
         change(state)
-        save_file(state, dst, metadata=_metadata(src))
+        save_file(state, dst, metadata=safetensors_metadata(src))
 
     return make
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(path, "pt") as file:
-        return file.metadata()
 
 
 def _pair_key(state: dict, role: str = "widen.weight") -> str:
@@ -152,7 +146,7 @@ def _pair_key(state: dict, role: str = "widen.weight") -> str:
 
 def _pickled(src: Path, folder: Path) -> Path:
     dst = folder / "paired.pt"
-    torch.save({"state_dict": load_file(src), "plan": _metadata(src)[PLAN_KEY]}, dst)
+    torch.save({"state_dict": load_file(src), "plan": safetensors_metadata(src)[PLAN_KEY]}, dst)
     return dst
 
 

@@ -144,15 +144,6 @@ def mixed_inputs(dtype=torch.float64):
     )
 
 
-@pytest.fixture
-def one_thread():
-    """LAPACK on 2 threads per xdist worker oversubscribes 2 cores (the SVDs slow down ~10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_full_rank_factorize_reproduces_resnet18(one_thread):
     model = randomise_batchnorm(torchvision.models.resnet18(num_classes=10)).eval().double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

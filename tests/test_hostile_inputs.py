@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MLP_SIZES
-from safetensors import safe_open
+from conftest import MLP_SIZES, safetensors_metadata
 from safetensors.torch import load_file, save_file
 from surgery.cli.main import main
 
@@ -52,18 +51,17 @@ def paired(paired_file, tmp_path) -> Path:
     needs --trust-source)."""
     path = tmp_path / "paired.safetensors"
     source = json.dumps({"factory": "small_models:mlp", "kwargs": {"sizes": MLP_SIZES}})
-    save_file(load_file(paired_file), path, metadata={**_metadata(paired_file), SOURCE_KEY: source})
+    save_file(
+        load_file(paired_file),
+        path,
+        metadata={**safetensors_metadata(paired_file), SOURCE_KEY: source},
+    )
     return path
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(path, "pt") as file:
-        return file.metadata()
 
 
 def _with_plan(src: Path, dst: Path, change) -> Path:
     """A copy of `src` whose stored plan is edited by `change(plan_dict)`."""
-    metadata = _metadata(src)
+    metadata = safetensors_metadata(src)
     plan = json.loads(metadata[PLAN_KEY])
     change(plan)
     save_file(load_file(src), dst, metadata={**metadata, PLAN_KEY: json.dumps(plan)})
@@ -125,7 +123,10 @@ def test_loading_does_not_import_a_module_the_file_names_before_trust(
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     evil = tmp_path / "evil.safetensors"
-    metadata = {**_metadata(paired), SOURCE_KEY: json.dumps({"factory": "evil_factory_module:Net"})}
+    metadata = {
+        **safetensors_metadata(paired),
+        SOURCE_KEY: json.dumps({"factory": "evil_factory_module:Net"}),
+    }
     save_file(load_file(paired), evil, metadata=metadata)
     with pytest.raises(CheckpointError, match="importing runs that module's code.*--trust-source"):
         load(evil)
@@ -147,7 +148,10 @@ def test_a_zoo_name_shadowed_by_a_file_in_the_working_directory_is_not_imported(
     for name in saved:
         monkeypatch.delitem(sys.modules, name)
     evil = tmp_path / "evil.safetensors"
-    metadata = {**_metadata(paired), SOURCE_KEY: json.dumps({"factory": "timm.models:resnet18"})}
+    metadata = {
+        **safetensors_metadata(paired),
+        SOURCE_KEY: json.dumps({"factory": "timm.models:resnet18"}),
+    }
     save_file(load_file(paired), evil, metadata=metadata)
     with pytest.raises(CheckpointError, match="--trust-source"):
         load(evil)
@@ -163,7 +167,7 @@ def test_a_plan_with_two_sites_of_one_name_is_refused_before_any_write(capsys, p
 
     bad = _with_plan(paired, tmp_path / "bad.safetensors", twin)
     _refused(capsys, tmp_path, "appears twice", "fold", bad, "--out", tmp_path / "thin.safetensors")
-    plan = json.loads(_metadata(paired)[PLAN_KEY])
+    plan = json.loads(safetensors_metadata(paired)[PLAN_KEY])
     twin(plan)
     with pytest.raises(ValueError, match="appears twice"):
         Plan.from_json(json.dumps(plan))
@@ -198,7 +202,7 @@ def _nested(depth: int) -> str:
 
 
 def test_deeply_nested_json_is_one_line(capsys, paired, tmp_path):
-    metadata = {**_metadata(paired), PLAN_KEY: _nested(100_000)}
+    metadata = {**safetensors_metadata(paired), PLAN_KEY: _nested(100_000)}
     save_file(load_file(paired), tmp_path / "deep.safetensors", metadata=metadata)
     _refused(capsys, tmp_path, "plan is not valid",
              "fold", tmp_path / "deep.safetensors", "--out", tmp_path / "t.safetensors")  # fmt: skip
@@ -224,7 +228,7 @@ def test_a_bad_index_is_one_line(capsys, paired, tmp_path, weight_map_value, mes
     names = list(load_file(paired))
     weight_map = {n: "model.safetensors" for n in names}
     weight_map[names[0]] = weight_map_value
-    index = {"metadata": _metadata(paired), "weight_map": weight_map}
+    index = {"metadata": safetensors_metadata(paired), "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     deep = {"metadata": {}, "weight_map": json.loads(_nested(50))}
     _refused(capsys, tmp_path, message, "fold", folder, "--out", tmp_path / "t.safetensors")
