@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +121,7 @@ def fold_components(
         for site, target in group.steps:
             if site.name not in products:
                 products[site.name] = pair_product(state, site)
-            _apply(target, site, work, state, *products[site.name])
+            apply_target(target, f"site {site.name!r}", work, state, *products[site.name])
         for name in _site_names(group):
             uses[name] -= 1
             if not uses[name]:
@@ -153,40 +153,40 @@ def _site_names(group: Component) -> list[str]:
     return list(dict.fromkeys(site.name for site, _ in group.steps))
 
 
-def _apply(
+def apply_target(
     target: Target,
-    site: Site,
+    label: str,
     work: dict[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
-    W: torch.Tensor,
+    W: torch.Tensor | None,
     c: torch.Tensor | None,
+    writes: Iterable[str] = (),
 ) -> None:
-    """One recipe step on the float64 working copies in `work` (read from `state` on first use)."""
+    """One Target through its rule, in float64, on the working copies in `work` (each parameter read
+    from `state` on first use); `writes` names roles the rule creates rather than updates (a factor
+    contraction writes a weight the state does not have). Raises FoldError naming `label`."""
     if target.rule not in RULES:
         raise FoldError(
-            f"site {site.name!r}: unknown fold rule {target.rule!r} (this surgery knows "
+            f"{label}: unknown fold rule {target.rule!r} (this surgery knows "
             f"{', '.join(RULES)}): re-plan with this version"
         )
-    for name in target.params.values():
+    reads = {role: name for role, name in target.params.items() if role not in writes}
+    for name in reads.values():
         if name not in work:
             if name not in state:
-                raise FoldError(
-                    f"site {site.name!r}: the recipe names {name!r}, which the state_dict lacks"
-                )
+                raise FoldError(f"{label}: the recipe names {name!r}, which the state_dict lacks")
             work[name] = state[name].detach().to(torch.float64)
-    tensors = {role: work[name] for role, name in target.params.items()}
+    tensors = {role: work[name] for role, name in reads.items()}
     try:
         updates = RULES[target.rule](target, tensors, W, c)
     except Exception as error:  # noqa: BLE001 - the algebra refusing its inputs means a bad recipe
-        shapes = ", ".join(f"{n} {list(work[n].shape)}" for n in target.params.values())
+        shapes = ", ".join(f"{n} {list(work[n].shape)}" for n in reads.values())
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FoldError(
-            f"site {site.name!r}: rule {target.rule} does not fit {shapes}: {detail}"
-        ) from None
+        raise FoldError(f"{label}: rule {target.rule} does not fit {shapes}: {detail}") from None
     for role, value in updates.items():
         name = target.params[role]
-        if value.shape != work[name].shape:
-            raise FoldError(f"site {site.name!r}: {target.rule} changed the shape of {name}")
+        if role in reads and value.shape != work[name].shape:
+            raise FoldError(f"{label}: {target.rule} changed the shape of {name}")
         work[name] = value
 
 

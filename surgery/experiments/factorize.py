@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from surgery.rewrites import RULES
 from surgery.rewrites.factor import factor_svd, full_rank
 
 from ..errors import FoldError, PlanError
+from ..fold import apply_target
 from ..jsontext import dataclass_json, from_data, parse_json
 from ..models import unwrap
 from ..plan import Target
@@ -347,20 +347,18 @@ def contract_state_dict(
     consumed: set[str] = set()
     for site in plan.sites:
         t = site.target
-        reads = {role: key for role, key in t.params.items() if role not in OUTPUT_ROLES}
-        missing = [key for key in reads.values() if key not in state]
-        if missing:
-            raise FoldError(f"layer {site.name!r}: the state_dict lacks {', '.join(missing)}")
-        dtype = state[reads["first"]].dtype
-        inputs = {role: state[key].detach().to(torch.float64) for role, key in reads.items()}
-        result = RULES[t.rule](t, inputs, None, None)
-        if list(result["weight"].shape) != site.weight_shape:
+        work: dict[str, torch.Tensor] = {}
+        apply_target(t, f"layer {site.name!r}", work, state, None, None, writes=OUTPUT_ROLES)
+        weight = work[t.params["weight"]]
+        if list(weight.shape) != site.weight_shape:
             raise FoldError(
-                f"layer {site.name!r}: contracted weight {tuple(result['weight'].shape)} is not "
+                f"layer {site.name!r}: contracted weight {tuple(weight.shape)} is not "
                 f"the original {tuple(site.weight_shape)}"
             )
-        produced[reads["first"]] = {t.params[r]: v.to(dtype) for r, v in result.items()}
-        consumed |= set(reads.values())
+        dtype = state[t.params["first"]].dtype
+        outputs = [t.params[r] for r in OUTPUT_ROLES if r in t.params]
+        produced[t.params["first"]] = {name: work[name].to(dtype) for name in outputs}
+        consumed |= {name for role, name in t.params.items() if role not in OUTPUT_ROLES}
     thin: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key in produced:
