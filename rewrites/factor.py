@@ -76,9 +76,9 @@ def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def factor_rule(t: Target, p: Tensors, W: torch.Tensor | None, c: torch.Tensor | None) -> Tensors:
     """RULES["factor_product"]: contract a factorized layer. Roles in: `first`, `second` (factor
-    weights) and `second_bias` (if any); out: `weight` (= second·first per group, `t.outer` groups)
+    weights) and `second_bias` (if any); out: `weight` (= second·first per group, `t.groups` groups)
     and `bias`. A contraction has no pair, so W and c are unused."""
-    out = {"weight": factor_product(p["first"], p["second"], groups=t.outer)}
+    out = {"weight": factor_product(p["first"], p["second"], groups=t.groups)}
     if "second_bias" in p:
         out["bias"] = p["second_bias"]
     return out

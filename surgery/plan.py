@@ -29,6 +29,7 @@ class Target:
     inner: int = 1
     eps: float | None = None
     add_bias: bool = True  # the pair bias goes here (a sum of several writers takes it once)
+    groups: int = 1  # channel groups of the weight (a factor contraction multiplies per group)
 
 
 @dataclass

@@ -4,6 +4,7 @@ contraction back to the original class/keys/shapes, rank and budget selection, r
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -107,7 +108,7 @@ def test_kxk_then_1x1_equals_the_contracted_conv(chain, seed):
     direct = conv(x, factor_product(first, second, groups), **kw)
     assert max_rel_error(chained, direct) <= 1e-10
     # the same through the RULES table, as contract_state_dict calls it
-    t = Target(rule="factor_product", params={}, outer=groups)
+    t = Target(rule="factor_product", params={}, groups=groups)
     b = torch.randn(cout, generator=g, dtype=torch.float64)
     out = RULES["factor_product"](
         t, {"first": first, "second": second, "second_bias": b}, None, None
@@ -208,6 +209,23 @@ def test_contract_state_dict_needs_no_model_code():
     del state["fc.second.weight"]
     with pytest.raises(FoldError, match="fc.second.weight"):
         contract_state_dict(state, plan)
+
+
+def test_a_factor_plan_saved_before_the_groups_field_still_contracts_the_same():
+    # version 1 stored a grouped layer's groups in the target's `outer` field
+    factored = factorize(Mixed(), rank=2, init="random")
+    assert any(site.groups > 1 for site in factored.factor_plan.sites)
+    old = json.loads(factored.factor_plan.to_json())
+    old["version"] = 1
+    for site in old["sites"]:
+        target = site["target"]
+        target["outer"] = target.pop("groups")
+    plan = FactorPlan.from_json(json.dumps(old))
+    assert plan == factored.factor_plan
+    state = factored.state_dict()
+    expected = contract(factored).state_dict()
+    thin = contract_state_dict(state, plan)
+    assert all(torch.equal(thin[k], expected[k]) for k in expected)
 
 
 def test_fp32_contraction_is_done_in_float64():

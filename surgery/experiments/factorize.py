@@ -32,7 +32,7 @@ from ..models import unwrap
 from ..plan import Target
 from ..report import render_table
 
-FACTOR_PLAN_VERSION = 1
+FACTOR_PLAN_VERSION = 2  # 1: a target's groups were stored in its `outer` field
 FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 OUTPUT_ROLES = ("weight", "bias")  # roles a contraction writes; every other role is read
 LayerFilter = Iterable[str] | Callable[[str, nn.Module], bool] | None
@@ -78,6 +78,11 @@ class FactorPlan:
     def from_json(cls, text: str) -> FactorPlan:
         """A plan from `to_json` output."""
         data = parse_json(text)
+        if data.get("version") == 1:  # saved before targets had a `groups` field
+            for site in data.get("sites", []):
+                target = site.get("target", {})
+                target["groups"], target["outer"] = target.get("outer", 1), 1
+            data["version"] = FACTOR_PLAN_VERSION
         if data.get("version") != FACTOR_PLAN_VERSION:
             raise ValueError(f"factor plan version {data.get('version')!r} is not supported")
         return from_data(cls, data)
@@ -330,7 +335,7 @@ def factorize(
                 params_before=_layer_params(shape, has_bias),
                 params_after=ranks[name] * _rank_cost(shape, groups)
                 + (shape[0] if has_bias else 0),
-                target=Target(rule="factor_product", params=target_params, outer=groups),
+                target=Target(rule="factor_product", params=target_params, groups=groups),
             )
         )
         factored.set_submodule(name, Factorized(factored.get_submodule(name), ranks[name], init))
