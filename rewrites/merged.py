@@ -30,6 +30,7 @@ from surgery.pairs import PREMERGE_POLICIES, same_layout
 from surgery.plan import Target
 
 from . import RULES
+from .rule import factor_steps
 
 
 def local_targets(targets: list[Target], module: nn.Module, path: str) -> list[Target] | None:
@@ -176,12 +177,7 @@ class MergedLayer:
         sides = {RULES[t.rule].factors for t in action.targets}
         factored, product = self._orders(action)
         if len(sides) == 1 and None not in sides and factored < product:
-            first, second = (
-                (pair.narrow.weight, pair.widen.weight)
-                if sides == {"input"}
-                else (pair.widen.weight, pair.narrow.weight)
-            )
-            return [(first, None), (second, c)]
+            return factor_steps(sides.pop(), pair.widen.weight, pair.narrow.weight, c)
         return [(self.cache.mixing(pair), c)]
 
     def _orders(self, action: Any) -> tuple[float, float]:

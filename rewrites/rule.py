@@ -71,3 +71,11 @@ class Algebra:
         self, target: Target, tensors: Tensors, W: torch.Tensor, c: torch.Tensor | None
     ) -> Tensors:
         return self.apply(target, tensors, W, c)
+
+
+def factor_steps(
+    side: str, widen: torch.Tensor, narrow: torch.Tensor, c: torch.Tensor | None
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The (W, c) steps that apply W = M2 M1 as its factors on `side` (see Algebra.factors)."""
+    first, second = (narrow, widen) if side == "input" else (widen, narrow)
+    return [(first, None), (second, c)]

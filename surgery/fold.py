@@ -16,6 +16,7 @@ from torch import nn
 
 from surgery.rewrites import RULES
 from surgery.rewrites.insert import detach
+from surgery.rewrites.rule import factor_steps
 
 from . import sharded
 from .errors import FoldError
@@ -24,14 +25,32 @@ from .pairs import pair_map
 from .plan import Plan, Site, Target
 
 
-def pair_product(
-    state: Mapping[str, torch.Tensor], site: Site
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W, c) of a site's pair in float64: the pair maps h to W h + c."""
-    pair = {role: state[name] for role, name in site.params.items() if name in state}
-    _check_pair(site, {role: tuple(t.shape) for role, t in pair.items()})
-    biases = (pair["widen.bias"], pair["narrow.bias"]) if site.bias else (None, None)
-    return pair_map(pair["widen.weight"], pair["narrow.weight"], *biases)
+class PairTensors:
+    """A site's pair from a state_dict in float64: its factors M1, M2, the bias c and (formed on
+    first use) W = M2 M1, so that the pair maps h to W h + c."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], site: Site) -> None:
+        pair = {role: state[name] for role, name in site.params.items() if name in state}
+        _check_pair(site, {role: tuple(t.shape) for role, t in pair.items()})
+        self.widen, self.narrow = pair["widen.weight"].double(), pair["narrow.weight"].double()
+        biases = (pair["widen.bias"], pair["narrow.bias"]) if site.bias else (None, None)
+        self._W, self.c = pair_map(self.widen, self.narrow, *biases) if site.bias else (None, None)
+
+    @property
+    def W(self) -> torch.Tensor:
+        if self._W is None:
+            self._W = self.narrow @ self.widen
+        return self._W
+
+    def steps(
+        self, target: Target, factored: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """How `target` takes the pair: W once, or (factored, where its rule allows) M2 and M1 in
+        turn, cheaper when D is small against d (the self-check's low-rank pairs)."""
+        algebra = RULES.get(target.rule)
+        if factored and algebra is not None and algebra.factors:
+            return factor_steps(algebra.factors, self.widen, self.narrow, self.c)
+        return [(self.W, self.c)]
 
 
 def _check_pair(site: Site, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -54,13 +73,16 @@ def _check_pair(site: Site, shapes: Mapping[str, tuple[int, ...]]) -> None:
         raise FoldError(f"site {site.name!r}: the plan names no widen and narrow weights")
 
 
-def fold_state_dict(state: Mapping[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+def fold_state_dict(
+    state: Mapping[str, torch.Tensor], plan: Plan, *, factored: bool = False
+) -> dict[str, torch.Tensor]:
     """The thin state_dict: every recipe applied in plan order, in float64, cast back to each
-    parameter's dtype; pair tensors dropped, every other entry passed through untouched."""
+    parameter's dtype; pair tensors dropped, every other entry passed through untouched.
+    `factored`: apply each pair as its two factors where the rule allows (see PairTensors.steps)."""
     check_plan(plan, {name: tuple(tensor.shape) for name, tensor in state.items()})
     pair_keys = plan.pair_keys()
     thin = OrderedDict((k, v) for k, v in state.items() if k not in pair_keys)
-    for folded in fold_components(state, plan):
+    for folded in fold_components(state, plan, factored=factored):
         for name, value in folded.items():
             thin[name] = value.to(state[name].dtype)
     metadata = getattr(state, "_metadata", None)
@@ -107,7 +129,7 @@ def components(plan: Plan) -> list[Component]:
 
 
 def fold_components(
-    state: Mapping[str, torch.Tensor], plan: Plan
+    state: Mapping[str, torch.Tensor], plan: Plan, *, factored: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Each component's folded parameters in float64, in plan order (see `components`).
 
@@ -115,13 +137,14 @@ def fold_components(
     current component's parameters and the pair products a later component still needs are held."""
     groups = components(plan)
     uses = Counter(name for group in groups for name in _site_names(group))
-    products: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    products: dict[str, PairTensors] = {}
     for group in groups:
         work: dict[str, torch.Tensor] = {}
         for site, target in group.steps:
             if site.name not in products:
-                products[site.name] = pair_product(state, site)
-            apply_target(target, f"site {site.name!r}", work, state, *products[site.name])
+                products[site.name] = PairTensors(state, site)
+            steps = products[site.name].steps(target, factored)
+            apply_target(target, f"site {site.name!r}", work, state, steps)
         for name in _site_names(group):
             uses[name] -= 1
             if not uses[name]:
@@ -158,13 +181,13 @@ def apply_target(
     label: str,
     work: dict[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
-    W: torch.Tensor | None,
-    c: torch.Tensor | None,
+    steps: list[tuple[torch.Tensor | None, torch.Tensor | None]],
     writes: Iterable[str] = (),
 ) -> None:
     """One Target through its rule, in float64, on the working copies in `work` (each parameter read
-    from `state` on first use); `writes` names roles the rule creates rather than updates (a factor
-    contraction writes a weight the state does not have). Raises FoldError naming `label`."""
+    from `state` on first use), once per (W, c) of `steps` (see PairTensors.steps); `writes` names
+    roles the rule creates rather than updates (a factor contraction writes a weight the state does
+    not have). Raises FoldError naming `label`."""
     if target.rule not in RULES:
         raise FoldError(
             f"{label}: unknown fold rule {target.rule!r} (this surgery knows "
@@ -177,8 +200,10 @@ def apply_target(
                 raise FoldError(f"{label}: the recipe names {name!r}, which the state_dict lacks")
             work[name] = state[name].detach().to(torch.float64)
     tensors = {role: work[name] for role, name in reads.items()}
+    updates: dict[str, torch.Tensor] = {}
     try:
-        updates = RULES[target.rule](target, tensors, W, c)
+        for W, c in steps:
+            updates.update(RULES[target.rule](target, {**tensors, **updates}, W, c))
     except Exception as error:  # noqa: BLE001 - the algebra refusing its inputs means a bad recipe
         shapes = ", ".join(f"{n} {list(work[n].shape)}" for n in reads.values())
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -197,12 +222,16 @@ def strip_pairs(paired: nn.Module) -> nn.Module:
     return thin
 
 
-def fold(paired: nn.Module, *, rank0_only: bool = False) -> nn.Module | None:
+def fold(
+    paired: nn.Module, *, rank0_only: bool = False, factored: bool = False
+) -> nn.Module | None:
     """Merge every pair into the adjacent layers: an instance of the original model's class with
     exactly the original state_dict keys and shapes (BatchNorm folds assume eval mode).
     A model sharded by FSDP2 (`fully_shard`) is gathered with the distributed state-dict API (every
     rank must call fold) and folded into a plain, unsharded model on every rank, or with rank0_only
-    on rank 0 alone (the other ranks get None and hold no full copy)."""
+    on rank 0 alone (the other ranks get None and hold no full copy). `factored`: apply each pair
+    as its two factors where the rules allow (fewer multiply-adds when D < d / 2; equal up to
+    float64 rounding, so not bit-identical to the default)."""
     plan = plan_of(paired)
     if sharded.is_sharded(paired):
         state = sharded.full_state_dict(unwrap(paired), rank0_only=rank0_only)
@@ -210,9 +239,10 @@ def fold(paired: nn.Module, *, rank0_only: bool = False) -> nn.Module | None:
             return None  # rank0_only, and this is not rank 0
         thin = sharded.plain_copy(unwrap(paired))
         detach(thin)
-        return sharded.load_full(thin, fold_state_dict(state, plan))
+        return sharded.load_full(thin, fold_state_dict(state, plan, factored=factored))
     thin = strip_pairs(paired)
-    thin.load_state_dict(fold_state_dict(unwrap(paired).state_dict(), plan), strict=True)
+    state = unwrap(paired).state_dict()
+    thin.load_state_dict(fold_state_dict(state, plan, factored=factored), strict=True)
     return thin
 
 

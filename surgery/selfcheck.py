@@ -18,13 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.rewrites import RULES
+
 from .attach import apply_plan, build_plan
 from .blocks import NOT_CHECKED, BlockTable, Boundary
 from .fold import fold
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3}  # normwise relative; ~1e7 roundings each
 # a site whose check would cost more float64 multiply-adds than this is reported unchecked (VGG's
-# 25088 x 4096 classifier: ~4e11): raise it to check those too
+# 25088 x 4096 classifier costs 7e9 with the checking pairs taken as their factors)
 SITE_FLOP_BUDGET = 2e10
 CHECK_RANK = 32  # the rank of the checking pairs' W (see check_width)
 
@@ -113,7 +115,7 @@ class _Probe:
                 self.model, build_plan(self.table, chosen, self.table.bias), init="random"
             )
             paired.eval()
-            thin = fold(paired)
+            thin = fold(paired, factored=True)  # the checking pairs have a small D
             with torch.no_grad():
                 reference, folded = _leaves(paired(*self.inputs)), _leaves(thin(*self.inputs))
         except Exception as error:  # noqa: BLE001 - any failure refuses the sites, with its text
@@ -182,12 +184,16 @@ def check_width(d: int) -> int:
 
 
 def fold_flops(boundary: Boundary, sizes: dict[str, int]) -> float:
-    """Multiply-adds of checking one site: the pair product and each absorbing weight times d (an
-    upper bound for the bias and BatchNorm targets)."""
-    d = boundary.width
+    """Multiply-adds of checking one site: the pair product and each target's tensors times d, or
+    times 2 D where its rule takes the pair as its two factors (see fold's `factored`)."""
+    d, D = boundary.width, check_width(boundary.width)
     route = boundary.route
-    names = {n for t in route.targets for n in t.params.values()} if route is not None else set()
-    return float(d) * d * check_width(d) + d * sum(sizes.get(name, 0) for name in names)
+    cost = float(d) * d * D
+    for target in route.targets if route is not None else []:
+        algebra = RULES.get(target.rule)
+        per_element = 2 * D if algebra is not None and algebra.factors else d
+        cost += per_element * sum(sizes.get(name, 0) for name in target.params.values())
+    return cost
 
 
 def _modules(boundary: Boundary) -> list[str]:

@@ -353,7 +353,7 @@ def contract_state_dict(
     for site in plan.sites:
         t = site.target
         work: dict[str, torch.Tensor] = {}
-        apply_target(t, f"layer {site.name!r}", work, state, None, None, writes=OUTPUT_ROLES)
+        apply_target(t, f"layer {site.name!r}", work, state, [(None, None)], writes=OUTPUT_ROLES)
         weight = work[t.params["weight"]]
         if list(weight.shape) != site.weight_shape:
             raise FoldError(
