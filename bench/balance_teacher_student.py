@@ -28,9 +28,9 @@ import time
 import torch
 from torch import nn
 
+from surgery.analysis.widths import widen
 from surgery.experiments.balance import balanced_init, gradient_norms, smooth_hinge_loss
 from surgery.report import render_table
-from surgery.widths import widen
 
 
 class Block(nn.Module):

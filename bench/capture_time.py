@@ -6,13 +6,13 @@ ResNet of BasicBlocks (`blocks` blocks in 4 stages, input 1x3x32x32), at 12, 24,
 - baseline: the capture surgery itself uses for that model, alone -- torch.fx.symbolic_trace(model)
   when it traces (the ResNet), else torch.export.export(model, args, strict=False) (BERT: fx cannot
   trace Hugging Face's forward, so surgery's capture tries fx, fails, and falls back to export);
-- capture: surgery's own capture (surgery.capture.capture): baseline + what it adds to get shapes
+- capture: surgery's own capture (surgery.ir.capture.capture): baseline + what it adds to get shapes
   and a Dataflow (fx: ShapeProp runs the model once; the failed fx attempt first, for BERT);
 - find_blocks: surgery.find_blocks(model, args) -- capture + the boundary / fold-route analysis;
 - plan_pairs: surgery.plan_pairs(model, args, check=False) -- capture + analysis (with cuts inside
   blocks) + choosing sites and widths: everything insert_pairs does before it builds a module;
 - checked plan: surgery.plan_pairs(model, args), the default: the same plus the numeric self-check
-  (random pairs on every candidate site, paired vs folded forward in float64; surgery.selfcheck).
+  (random pairs on every candidate site, paired vs folded forward in float64; surgery.analysis.selfcheck).
 
 So every "ours" time is baseline + analysis; the ratios say what the analysis costs on top of the
 capture. Candidates are interleaved round by round (perf_common.interleave); ratios are medians of
@@ -59,7 +59,7 @@ from perf_common import (  # noqa: E402
 )
 
 import surgery  # noqa: E402
-from surgery.capture import capture  # noqa: E402
+from surgery.ir.capture import capture  # noqa: E402
 
 GOAL_RATIO = 1.3
 GOAL_GROWTH = 1.5

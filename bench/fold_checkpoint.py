@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from surgery.outputs import atomic_output
+from surgery.files.outputs import atomic_output
+from surgery.files.tensorfile import Spec, Writer
 from surgery.plan import Plan, Route, Site, Target
 from surgery.report import render_table
-from surgery.tensorfile import Spec, Writer
 
 VOCAB, POSITIONS = 32000, 512
 PROJECTIONS = ("query", "key", "value")

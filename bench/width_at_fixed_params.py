@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.analysis.widths import widen
 from surgery.experiments.bottleneck import nonlinear_bottleneck
 from surgery.experiments.factorize import factorize
 from surgery.experiments.sparsity import sparsify_wide, trainable_parameters
 from surgery.report import render_table
-from surgery.widths import widen
 
 
 def mlp(d: int, width: int, classes: int) -> nn.Sequential:

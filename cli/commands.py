@@ -25,17 +25,17 @@ from rich.progress import (
 )
 from torch import nn
 
-from surgery.capture import synthesise_inputs
-from surgery.checkpoint import build_original, is_checkpoint, load, open_checkpoint, save
 from surgery.errors import SurgeryError
-from surgery.jsontext import parse_json
-from surgery.outputs import atomic_output, check_outputs
+from surgery.files.checkpoint import build_original, is_checkpoint, load, open_checkpoint, save
+from surgery.files.jsontext import parse_json
+from surgery.files.outputs import atomic_output, check_outputs
+from surgery.files.sources import Source, source_of
+from surgery.files.stream import fold_checkpoint
+from surgery.ir.capture import synthesise_inputs
 from surgery.paired import find_blocks, insert_pairs
 from surgery.picture import draw_blocks
 from surgery.plan import Plan
 from surgery.report import render_table
-from surgery.sources import Source, source_of
-from surgery.stream import fold_checkpoint
 from surgery.verify import export_onnx, verify
 
 MODEL_HELP = (

@@ -7,7 +7,7 @@ so all three slices absorb the same W on their input dim, exactly as a Linear co
 
 from __future__ import annotations
 
-from surgery.graph import Layout, Op
+from surgery.ir.graph import Layout, Op
 from surgery.plan import Placement
 
 from .common import RuleContext, unshared_reason, where

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from surgery.graph import Op
+from surgery.ir.graph import Op
 from surgery.plan import Placement, Target
 
 from . import algebra

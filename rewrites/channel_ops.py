@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from surgery.graph import Layout, Op
+from surgery.ir.graph import Layout, Op
 
 
 def _pointwise(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from surgery.graph import CHANNELS_FIRST, Dataflow, Op
+from surgery.ir.graph import CHANNELS_FIRST, Dataflow, Op
 
 
 @dataclass

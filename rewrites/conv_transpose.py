@@ -12,7 +12,7 @@ A grouped transposed conv reads and writes each channel group on its own: a dens
 
 from __future__ import annotations
 
-from surgery.graph import Layout, Op
+from surgery.ir.graph import Layout, Op
 from surgery.plan import Placement
 
 from .common import RuleContext, unshared_reason, where

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.pairs import PREMERGE_POLICIES, Pair, PairDict
 from surgery.plan import Placement, Plan, Target
+from surgery.runtime.pairs import PREMERGE_POLICIES, Pair, PairDict
 
 from .merged import MergedLayer, MixingCache, local_targets
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from surgery.graph import Layout, Op
+from surgery.ir.graph import Layout, Op
 from surgery.plan import Placement, Target
 
 from . import algebra

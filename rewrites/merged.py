@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.pairs import PREMERGE_POLICIES, same_layout
 from surgery.plan import Target
+from surgery.runtime.pairs import PREMERGE_POLICIES, same_layout
 
 from . import RULES
 from .rule import factor_steps

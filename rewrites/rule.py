@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from surgery.graph import Layout, Op
+from surgery.ir.graph import Layout, Op
 from surgery.plan import Placement, Target
 
 from .common import RuleContext
@@ -39,7 +39,7 @@ class Fold:
 class ConsumerRule(Protocol):
     """A layer reading h (as its first input, in `layout`) absorbs W into its weights."""
 
-    kinds: tuple[str, ...]  # the op kinds (surgery.graph.KINDS) the rule looks at
+    kinds: tuple[str, ...]  # the op kinds (surgery.ir.graph.KINDS) the rule looks at
 
     def check(self, op: Op, layout: Layout, ctx: RuleContext) -> str | None: ...
 

@@ -3,18 +3,17 @@
 The WIN training stages are in `surgery.win`; the companion tools of papers 002/003 (factorize,
 sparsity, bottlenecks, balancing, kernel distance) in `surgery.experiments`."""
 
-from . import widths as widths  # width groups and resize (surgery.widths), used by win.widen
-from .attach import apply_plan
-from .blocks import BlockTable, Boundary
-from .checkpoint import Checkpoint, load, open_checkpoint, save
-from .errors import CaptureError, CheckpointError, FoldError, PlanError, SurgeryError
-from .fold import ShardedFold, fold, fold_sharded, fold_state_dict
-from .paired import find_blocks, insert_pairs, plan_pairs
-from .pairs import Pair, premerged, probe, set_premerged
-from .plan import Plan
-from .sources import Source
-from .stream import FoldSummary, fold_checkpoint
-from .verify import VerifyReport, verify
+from surgery.analysis.blocks import BlockTable, Boundary
+from surgery.errors import CaptureError, CheckpointError, FoldError, PlanError, SurgeryError
+from surgery.files.checkpoint import Checkpoint, load, open_checkpoint, save
+from surgery.files.sources import Source
+from surgery.files.stream import FoldSummary, fold_checkpoint
+from surgery.paired import find_blocks, insert_pairs, plan_pairs
+from surgery.plan import Plan
+from surgery.runtime.attach import apply_plan
+from surgery.runtime.fold import ShardedFold, fold, fold_sharded, fold_state_dict
+from surgery.runtime.pairs import Pair, premerged, probe, set_premerged
+from surgery.verify import VerifyReport, verify
 
 __all__ = [
     "BlockTable",

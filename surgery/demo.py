@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from .fold import fold
-from .paired import find_blocks, insert_pairs
-from .pairs import probe
-from .report import progress_bar, render_table
-from .verify import verify
+from surgery.paired import find_blocks, insert_pairs
+from surgery.report import progress_bar, render_table
+from surgery.runtime.fold import fold
+from surgery.runtime.pairs import probe
+from surgery.verify import verify
 
 
 def small_resnet(num_classes: int = 10) -> ResNet:

@@ -9,13 +9,13 @@ from typing import Any
 
 from torch import nn
 
-from .attach import Chosen, apply_plan, build_plan
-from .blocks import BlockTable, Boundary, analyse
-from .capture import as_example_inputs, capture
-from .errors import PlanError
-from .pairs import Pair
-from .plan import Plan, Site
-from .selfcheck import self_check
+from surgery.analysis.blocks import BlockTable, Boundary, analyse
+from surgery.analysis.selfcheck import self_check
+from surgery.errors import PlanError
+from surgery.ir.capture import as_example_inputs, capture
+from surgery.plan import Plan, Site
+from surgery.runtime.attach import Chosen, apply_plan, build_plan
+from surgery.runtime.pairs import Pair
 
 Wide = float | int | Mapping[str, int]
 
@@ -34,7 +34,7 @@ def find_blocks(
     None). `bias`: plan for pairs with biases (fewer boundaries can absorb them). `inside_blocks`:
     also list the cuts inside the innermost blocks (e.g. between the layers of a chain-shaped block).
     `check`: prove every foldable site numerically on these weights and inputs first (random pairs,
-    paired vs folded in float64; see surgery.selfcheck); a site that fails is refused."""
+    paired vs folded in float64; see surgery.analysis.selfcheck); a site that fails is refused."""
     inputs = as_example_inputs(model, example_inputs)
     table = analyse(capture(model, inputs), bias=bias, inside_blocks=inside_blocks)
     return self_check(model, inputs, table) if check else table
@@ -87,7 +87,7 @@ def plan_pairs(
         if hasattr(model, attr):
             raise PlanError(
                 f"{type(model).__name__} already has an attribute {attr!r}: is it already paired? "
-                "Fold it first (surgery.fold) or pass the original model"
+                "Fold it first (surgery.runtime.fold) or pass the original model"
             )
     table = find_blocks(model, example_inputs, bias=bias, inside_blocks=True, check=check)
     flow = table.flow

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from .blocks import NOT_CHECKED, BlockTable, Boundary
-from .errors import SurgeryError
-from .outputs import atomic_output
-from .plan import PROBE_ONLY, Plan, Site
+from surgery.analysis.blocks import NOT_CHECKED, BlockTable, Boundary
+from surgery.errors import SurgeryError
+from surgery.files.outputs import atomic_output
+from surgery.plan import PROBE_ONLY, Plan, Site
 
 WIDTH = 1100
 FONT = 13

@@ -1,7 +1,7 @@
 """The Plan: pure, JSON-serialisable data saying where each pair sits and how it folds.
 
 A fold recipe names parameters of the original model, so folding needs no model code: it is tensor
-algebra on a state_dict (see surgery.fold).
+algebra on a state_dict (see surgery.runtime.fold).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .jsontext import dataclass_json, from_data, parse_json
+from surgery.files.jsontext import dataclass_json, from_data, parse_json
 
 PLAN_VERSION = 1
 PROBE_ONLY = (

@@ -22,15 +22,15 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
-from .capture import _eval_mode, as_example_inputs
-from .errors import SurgeryError
-from .fold import strip_pairs
-from .models import unwrap
-from .plan import Plan
+from surgery.errors import SurgeryError
+from surgery.ir.capture import _eval_mode, as_example_inputs
+from surgery.plan import Plan
+from surgery.runtime.fold import strip_pairs
+from surgery.runtime.models import unwrap
 
 if TYPE_CHECKING:  # onnx and onnxruntime load only when a verify runs: `import surgery` stays light
     import onnx
-from .report import render_table
+from surgery.report import render_table
 
 RUNTIMES = ("onnxruntime", "torch")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

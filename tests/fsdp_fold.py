@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from win_models import DeepThin, synthetic_batches
 
 import surgery
-import surgery.sharded
+import surgery.runtime.sharded
 
 
 def main(out: str) -> None:
@@ -44,7 +44,7 @@ def main(out: str) -> None:
         "outputs": (reference_thin(x).detach(), every(x).detach()),
     }
     report = surgery.fold_sharded(paired)  # in place, last: the model is thin and sharded after
-    result["in_place"] = surgery.sharded.full_state_dict(report.model, rank0_only=False)
+    result["in_place"] = surgery.runtime.sharded.full_state_dict(report.model, rank0_only=False)
     result["in_place_class"] = type(report.model).__name__
     result["in_place_output"] = report.model(x).detach()
     result["bytes"] = (report.received, report.model_bytes)

@@ -16,7 +16,7 @@ from torch import nn
 
 import surgery
 from surgery import win
-from surgery.sharded import is_sharded
+from surgery.runtime.sharded import is_sharded
 
 FAMILIES = ("cnn", "llama", "gpt2-tied")
 

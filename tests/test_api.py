@@ -148,7 +148,7 @@ def test_callable_init_is_used(resnet, x):
 
     def init(pair, site):
         seen.append(site.name)
-        surgery.pairs.init_identity(pair, site)
+        surgery.runtime.pairs.init_identity(pair, site)
 
     paired = surgery.insert_pairs(resnet, (x,), init=init, sites=["layer2", "layer3"])
     assert seen == ["layer2", "layer3"]

@@ -21,15 +21,15 @@ from small_models import tiny_hf_config
 from torch import nn
 
 import surgery
-from surgery.checkpoint import PLAN_KEY, SOURCE_KEY, load, open_checkpoint, parse_size, save
 from surgery.demo import small_resnet
 from surgery.errors import CheckpointError, PlanError, SurgeryError
-from surgery.fold import components
-from surgery.outputs import atomic_output
+from surgery.files.checkpoint import PLAN_KEY, SOURCE_KEY, load, open_checkpoint, parse_size, save
+from surgery.files.outputs import atomic_output
+from surgery.files.sources import Source, SourceError, source_of
+from surgery.files.stream import fold_checkpoint
+from surgery.files.tensorfile import Spec, TensorFile, Writer
 from surgery.picture import draw_blocks
-from surgery.sources import Source, SourceError, source_of
-from surgery.stream import fold_checkpoint
-from surgery.tensorfile import Spec, TensorFile, Writer
+from surgery.runtime.fold import components
 
 
 def test_writer_is_byte_for_byte_the_safetensors_library(tmp_path):
@@ -234,7 +234,7 @@ def test_streaming_fold_holds_one_component_not_the_model(tmp_path):
     del model, paired
     code = (  # VmHWM: the peak of this process's own memory (ru_maxrss counts the forked parent)
         "import sys\n"
-        "from surgery.stream import fold_checkpoint\n"
+        "from surgery.files.stream import fold_checkpoint\n"
         "def status(key):\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
         "before = status('VmRSS')\n"

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from small_models import tiny_hf_config
 from surgery.cli.main import main
 
-from surgery.checkpoint import PLAN_KEY, load, save
-from surgery.stream import fold_checkpoint
+from surgery.files.checkpoint import PLAN_KEY, load, save
+from surgery.files.stream import fold_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import surgery
 from surgery.errors import PlanError
-from surgery.normalize import classify_module, why_not_its_base
+from surgery.ir.normalize import classify_module, why_not_its_base
 
 EXAMPLES = int(os.environ.get("SURGERY_ARCH_EXAMPLES", examples(100, ci=300)))
 

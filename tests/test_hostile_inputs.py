@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from surgery.cli.main import main
 
 import surgery
-from surgery.checkpoint import PLAN_KEY, SOURCE_KEY, load, open_checkpoint
 from surgery.errors import CheckpointError, FoldError
-from surgery.fold import fold_state_dict
+from surgery.files.checkpoint import PLAN_KEY, SOURCE_KEY, load, open_checkpoint
 from surgery.plan import Plan
+from surgery.runtime.fold import fold_state_dict
 
 
 def _run(capsys, *args: object) -> tuple[int, list[str]]:
@@ -292,7 +292,7 @@ def test_a_killed_write_leaves_a_temporary_the_next_run_removes(capsys, paired, 
     out = tmp_path / "thin.safetensors"
     writer = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\nfrom surgery.outputs import atomic_output\n"
+         "import sys, time\nfrom surgery.files.outputs import atomic_output\n"
          "with atomic_output(sys.argv[1]) as temp:\n"
          "    temp.write_bytes(b'x' * 2**20)\n    print('writing', flush=True)\n    time.sleep(600)\n",
          str(out)],
@@ -309,7 +309,7 @@ def test_a_killed_write_leaves_a_temporary_the_next_run_removes(capsys, paired, 
 
 
 def test_a_temporary_of_a_live_writer_is_left_alone(tmp_path):
-    from surgery.outputs import atomic_output, remove_stale_temporaries
+    from surgery.files.outputs import atomic_output, remove_stale_temporaries
 
     out = tmp_path / "thin.safetensors"
     with atomic_output(out) as temp:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from surgery.rewrites import RULES, algebra
 from surgery.rewrites.channel_ops import reshape_layout
 
-from surgery.graph import Layout
+from surgery.ir.graph import Layout
 from surgery.plan import Target
 
 TOL = 1e-10

@@ -1,4 +1,4 @@
-"""The numeric self-check (surgery.selfcheck): a site the rules misjudge is refused with the measured
+"""The numeric self-check (surgery.analysis.selfcheck): a site the rules misjudge is refused with the measured
 error and the modules on its route, the others are offered with theirs; the user's model and RNG are
 untouched; on the meta device every site says it was not checked."""
 
@@ -9,7 +9,7 @@ from conftest import randomise_batchnorm
 from torch import nn
 
 import surgery
-from surgery import normalize
+from surgery.ir import normalize
 
 
 class BatchNormAct(nn.BatchNorm2d):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from small_models import SmallResNet, mlp
 from torch import nn
 
+from surgery.analysis.widths import widen
 from surgery.errors import PlanError
 from surgery.experiments.factorize import count_parameters
 from surgery.experiments.sparsity import (
@@ -26,7 +27,6 @@ from surgery.experiments.sparsity import (
     sparsify_wide,
     trainable_parameters,
 )
-from surgery.widths import widen
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

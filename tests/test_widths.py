@@ -8,10 +8,10 @@ import torchvision
 from small_models import SmallResNet, mlp
 from torch import nn
 
+from surgery.analysis.widths import resize, widen, width_groups
 from surgery.errors import PlanError
 from surgery.experiments.bottleneck import nonlinear_bottleneck, plan_bottleneck
 from surgery.experiments.factorize import count_parameters
-from surgery.widths import resize, widen, width_groups
 
 X_IMG = torch.randn(2, 3, 16, 16)
 

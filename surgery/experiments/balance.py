@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..report import render_table
+from surgery.report import render_table
 
 MASKED = ".parametrizations.weight.original"  # a masked weight (surgery.sparsity) reads as weight
 LossFn = Callable[..., torch.Tensor]

@@ -3,7 +3,7 @@ narrow the rest so that the parameter count stays (at most, and as close as inte
 
 The layers are paired as in the paper: the first layer of a pair gets a wider input and a narrower
 output, so the second gets a narrower input and a wider output. On the width groups of
-surgery.widths that means:
+surgery.analysis.widths that means:
 - a model with residual streams (ResNet-style): the streams (groups joined by residual adds) are
   widened by `factor` and the hidden widths inside the blocks are narrowed;
 - a plain chain (MLP): the free hidden widths alternate narrow, wide, narrow, ... in forward order
@@ -22,9 +22,9 @@ from typing import Any
 
 from torch import nn
 
-from ..capture import as_example_inputs
-from ..errors import PlanError
-from ..widths import WidthTable, resize, width_groups
+from surgery.analysis.widths import WidthTable, resize, width_groups
+from surgery.errors import PlanError
+from surgery.ir.capture import as_example_inputs
 
 
 @dataclass

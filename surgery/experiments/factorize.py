@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from surgery.errors import FoldError, PlanError
+from surgery.files.jsontext import dataclass_json, from_data, parse_json
+from surgery.plan import Target
+from surgery.report import render_table
 from surgery.rewrites.factor import factor_svd, full_rank
-
-from ..errors import FoldError, PlanError
-from ..fold import apply_target
-from ..jsontext import dataclass_json, from_data, parse_json
-from ..models import unwrap
-from ..plan import Target
-from ..report import render_table
+from surgery.runtime.fold import apply_target
+from surgery.runtime.models import unwrap
 
 FACTOR_PLAN_VERSION = 2  # 1: a target's groups were stored in its `outer` field
 FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

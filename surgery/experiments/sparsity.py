@@ -31,10 +31,10 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
-from ..capture import as_example_inputs
-from ..errors import PlanError
-from ..report import render_table
-from ..widths import widen
+from surgery.analysis.widths import widen
+from surgery.errors import PlanError
+from surgery.ir.capture import as_example_inputs
+from surgery.report import render_table
 
 MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MASK_SUFFIX = ".parametrizations.weight.0.mask"

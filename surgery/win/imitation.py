@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.blocks import BlockTable, analyse
-from surgery.capture import as_example_inputs, capture
+from surgery.analysis.blocks import BlockTable, analyse
 from surgery.errors import PlanError
-from surgery.models import plan_of, unwrap
-from surgery.pairs import probe
+from surgery.ir.capture import as_example_inputs, capture
 from surgery.plan import Placement
-from surgery.sharded import is_sharded
+from surgery.runtime.models import plan_of, unwrap
+from surgery.runtime.pairs import probe
+from surgery.runtime.sharded import is_sharded
 
 Mapping_ = Mapping[str, str] | int | str
 

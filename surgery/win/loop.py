@@ -16,16 +16,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.blocks import BlockTable, analyse
-from surgery.capture import as_example_inputs, capture
+from surgery.analysis.blocks import BlockTable, analyse
 from surgery.errors import PlanError
-from surgery.fold import fold, strip_pairs
-from surgery.models import unwrap
+from surgery.ir.capture import as_example_inputs, capture
 from surgery.paired import insert_pairs
-from surgery.pairs import is_paired
-from surgery.pairs import premerged as premerged_mode
 from surgery.report import progress_bar
-from surgery.sharded import gathered, is_sharded
+from surgery.runtime.fold import fold, strip_pairs
+from surgery.runtime.models import unwrap
+from surgery.runtime.pairs import is_paired
+from surgery.runtime.pairs import premerged as premerged_mode
+from surgery.runtime.sharded import gathered, is_sharded
 
 from .imitation import Imitation, Mapping_, least_squares_start, teacher_site, teacher_table
 from .sample import sample_from_teacher

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.capture import as_example_inputs
+from surgery.analysis.widths import width_groups
 from surgery.errors import PlanError
-from surgery.widths import width_groups
+from surgery.ir.capture import as_example_inputs
 
 from .spaces import Space, SpaceTable, index_spaces
 
@@ -64,7 +64,7 @@ def _sample_channels(
     generator: torch.Generator | None,
     scale: str | float,
 ) -> dict[str, torch.Tensor]:
-    """Convolutional / MLP models: one random channel subset per width group (surgery.widths)."""
+    """Convolutional / MLP models: one random channel subset per width group (surgery.analysis.widths)."""
     s_table, t_table = width_groups(student, inputs), width_groups(teacher, inputs)
     chosen: dict[str, torch.Tensor] = {}
     for group in s_table.groups:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from surgery.capture import capture
-from surgery.graph import Dataflow, Op
+from surgery.ir.capture import capture
+from surgery.ir.graph import Dataflow, Op
 
 
 @dataclass

@@ -3,7 +3,7 @@
 - torchvision ResNets with Bottleneck blocks: the paper's choice, the 3x3 convs widened and the 1x1
   convs keeping the widened size (`width_per_group` x factor); block outputs keep their width.
 - Hugging Face configs (BERT, GPT-2, LLaMA, ...): hidden size, FFN width and heads x factor.
-- anything else: every free width group x factor (surgery.widths: residual streams stay lined up,
+- anything else: every free width group x factor (surgery.analysis.widths: residual streams stay lined up,
   the model's input channels and output features stay).
 The teacher is freshly initialised (train it, or pass an existing trained big model instead).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from surgery import widths
+from surgery.analysis import widths
 from surgery.errors import PlanError
 
 _HF_WIDTHS = (

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from surgery.ir.graph import Layout, Op
+from surgery.plan import Route
 from surgery.rewrites import CONSUMER_RULES, PRODUCER_RULES, channel_ops
 from surgery.rewrites.common import RuleContext, where
 from surgery.rewrites.rule import ConsumerRule
-
-from .graph import Layout, Op
-from .plan import Route
 
 _EDGE_REASONS = {
     "nonlinear": "{op} is not linear",

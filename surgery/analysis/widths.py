@@ -4,7 +4,7 @@ A *width group* is a set of feature dimensions that are one and the same index s
 channels of a Linear/Conv, the channels of the BatchNorm/LayerNorm/depthwise conv after it, the input
 dim of every Linear/Conv that reads it (a Flatten in between multiplies the input dim by the spatial
 size), and — through residual adds and broadcast multiplies — the other producers summed into it (a
-ResNet stage is one group). The groups come from the captured dataflow (surgery.capture), so any
+ResNet stage is one group). The groups come from the captured dataflow (surgery.ir.capture), so any
 model fx or torch.export can capture works; a group whose width cannot change says why (it is the
 model output, read by an op that is not understood, concatenated, ...).
 
@@ -24,12 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.errors import PlanError
+from surgery.ir.capture import _eval_mode, as_example_inputs, capture
+from surgery.ir.graph import Dataflow, Layout
+from surgery.report import render_table
 from surgery.rewrites import channel_ops
-
-from .capture import _eval_mode, as_example_inputs, capture
-from .errors import PlanError
-from .graph import Dataflow, Layout
-from .report import render_table
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -1,9 +1,9 @@
 """Checkpoints: paired (and thin) models saved as safetensors with their Plan and source, opened
-lazily with every header checked, and loaded back into a rebuilt model (surgery.stream folds them).
+lazily with every header checked, and loaded back into a rebuilt model (surgery.files.stream folds them).
 
 Format: safetensors weights (the paired model's state_dict, pairs included) whose `__metadata__`
 holds `surgery.plan` (the Plan as JSON) and `surgery.source` (how to rebuild the original model, see
-surgery.sources). A directory holds `model.safetensors`, or Hugging Face shards with
+surgery.files.sources). A directory holds `model.safetensors`, or Hugging Face shards with
 `model.safetensors.index.json` (the surgery keys then sit in the index's `metadata`), plus
 `config.json` for a Hugging Face model. Pickled files are refused unless trusted.
 """
@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import sharded
-from .attach import apply_plan
-from .dcpfile import METADATA, DcpFile, is_dcp
-from .errors import CheckpointError
-from .jsontext import parse_json
-from .models import unwrap
-from .outputs import atomic_output, regular_input
-from .plan import Plan
-from .sources import Source, SourceError, source_of, source_of_model
-from .tensorfile import DTYPES, Spec, TensorFile, Writer, check_finite, tensor_bytes
+from surgery.errors import CheckpointError
+from surgery.files.dcpfile import METADATA, DcpFile, is_dcp
+from surgery.files.jsontext import parse_json
+from surgery.files.outputs import atomic_output, regular_input
+from surgery.files.sources import Source, SourceError, source_of, source_of_model
+from surgery.files.tensorfile import DTYPES, Spec, TensorFile, Writer, check_finite, tensor_bytes
+from surgery.plan import Plan
+from surgery.runtime import sharded
+from surgery.runtime.attach import apply_plan
+from surgery.runtime.models import unwrap
 
 PLAN_KEY, SOURCE_KEY = "surgery.plan", "surgery.source"
 WEIGHTS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
@@ -186,7 +186,7 @@ def open_checkpoint(
 
 
 def _open_dcp(root: Path, plan: Plan | None) -> Checkpoint:
-    """A torch.distributed.checkpoint directory (see surgery.dcpfile), its plan and source from the
+    """A torch.distributed.checkpoint directory (see surgery.files.dcpfile), its plan and source from the
     surgery.json beside the shards (written by surgery.save_distributed) or --plan."""
     file = DcpFile(root)
     specs = {n: Spec(n, dtype, shape) for n, (dtype, shape) in file.entries.items()}
@@ -423,7 +423,7 @@ def save(
     path: `*.safetensors` (one file) or a directory (`model.safetensors`, or Hugging Face shards of
     at most `max_shard_size` bytes with an index; plus config.json for a Hugging Face model).
     source: how to rebuild the original model: an import path `package.module:factory` (with
-    `kwargs`) or a surgery.sources.Source; Hugging Face models are recognised by themselves.
+    `kwargs`) or a surgery.files.sources.Source; Hugging Face models are recognised by themselves.
     Deterministic: the same model gives the same bytes. A model sharded by FSDP2 is gathered with
     the distributed state-dict API (every rank must call save) and rank 0 alone writes the same
     format; the other ranks write nothing and get the path back.

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
-from .tensorfile import DTYPES, tensor_bytes
+from surgery.errors import CheckpointError
+from surgery.files.tensorfile import DTYPES, tensor_bytes
 
 METADATA = ".metadata"
 _DCP = "torch.distributed.checkpoint"

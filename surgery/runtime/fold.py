@@ -14,15 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from surgery.errors import FoldError
+from surgery.plan import Plan, Site, Target
 from surgery.rewrites import RULES
 from surgery.rewrites.insert import detach
 from surgery.rewrites.rule import factor_steps
-
-from . import sharded
-from .errors import FoldError
-from .models import plan_of, unwrap
-from .pairs import pair_map
-from .plan import Plan, Site, Target
+from surgery.runtime import sharded
+from surgery.runtime.models import plan_of, unwrap
+from surgery.runtime.pairs import pair_map
 
 
 class PairTensors:

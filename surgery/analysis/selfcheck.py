@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.analysis.blocks import NOT_CHECKED, BlockTable, Boundary
 from surgery.rewrites import RULES
-
-from .attach import apply_plan, build_plan
-from .blocks import NOT_CHECKED, BlockTable, Boundary
-from .fold import fold
+from surgery.runtime.attach import apply_plan, build_plan
+from surgery.runtime.fold import fold
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3}  # normwise relative; ~1e7 roundings each
 # a site whose check would cost more float64 multiply-adds than this is reported unchecked (VGG's
@@ -46,7 +45,7 @@ def self_check(model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> 
         if cost > SITE_FLOP_BUDGET:
             boundary.checked = (
                 f"{NOT_CHECKED}: its float64 fold costs {cost:.0e} flop, over "
-                f"surgery.selfcheck.SITE_FLOP_BUDGET ({SITE_FLOP_BUDGET:.0e})"
+                f"surgery.analysis.selfcheck.SITE_FLOP_BUDGET ({SITE_FLOP_BUDGET:.0e})"
             )
     candidates = [b for b in candidates if not b.checked]
     if not candidates:

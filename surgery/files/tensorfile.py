@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CheckpointError
-from .jsontext import parse_json
+from surgery.errors import CheckpointError
+from surgery.files.jsontext import parse_json
 
 DTYPES: dict[str, torch.dtype] = {  # in the order of the safetensors library's Dtype enum
     "BOOL": torch.bool,

@@ -13,12 +13,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from surgery.analysis.blocks import BlockTable, Boundary
+from surgery.errors import PlanError
+from surgery.plan import PROBE_ONLY, Plan, Route, Site, pair_param_name, pair_roles
 from surgery.rewrites.insert import attach, detach
-
-from .blocks import BlockTable, Boundary
-from .errors import PlanError
-from .pairs import INITS, Pair, PairDict
-from .plan import PROBE_ONLY, Plan, Route, Site, pair_param_name, pair_roles
+from surgery.runtime.pairs import INITS, Pair, PairDict
 
 Chosen = list[tuple[Boundary, int, bool]]  # boundary, D, probe only
 

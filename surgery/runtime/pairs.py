@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import unwrap
+from surgery.runtime.models import unwrap
 
 if TYPE_CHECKING:
     from .plan import Site

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import FoldError
-from .plan import Plan
+from surgery.errors import FoldError
+from surgery.plan import Plan
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,5 +1,5 @@
 """Map concrete ops (nn modules, torch functions, tensor methods, aten ops) to the canonical kinds of
-`surgery.graph`. One table per source; capture calls `classify_*` and never branches on op types itself.
+`surgery.ir.graph`. One table per source; capture calls `classify_*` and never branches on op types itself.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import SurgeryError
-from .jsontext import parse_json
+from surgery.errors import SurgeryError
+from surgery.files.jsontext import parse_json
 
 ZOOS = ("torchvision.models.", "timm.models.")  # factories a checkpoint may name without trust
 

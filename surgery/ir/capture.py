@@ -19,9 +19,9 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from . import normalize
-from .errors import CaptureError, PlanError
-from .graph import Dataflow, Op
+from surgery.errors import CaptureError, PlanError
+from surgery.ir import normalize
+from surgery.ir.graph import Dataflow, Op
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

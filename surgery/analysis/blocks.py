@@ -13,13 +13,12 @@ from typing import Any
 
 import networkx as nx
 
+from surgery.analysis.routes import find_route
+from surgery.ir.graph import CHANNELS_FIRST, Dataflow, Layout, Op
+from surgery.plan import Placement, Route
+from surgery.report import render_table
 from surgery.rewrites import channel_ops
 from surgery.rewrites.common import RuleContext
-
-from .graph import CHANNELS_FIRST, Dataflow, Layout, Op
-from .plan import Placement, Route
-from .report import render_table
-from .routes import find_route
 
 _SINK = "__outputs__"
 
@@ -40,7 +39,9 @@ class Boundary:
     aliases: list[str] = field(default_factory=list)
     inside_block: bool = False  # a cut between the layers of an innermost block (hidden by default)
     in_block: bool = False  # not a cut: a site inside a block whose output cannot take a pair
-    checked: str = ""  # the numeric self-check's verdict (surgery.selfcheck); "" when not run
+    checked: str = (
+        ""  # the numeric self-check's verdict (surgery.analysis.selfcheck); "" when not run
+    )
 
     @property
     def foldable(self) -> bool:

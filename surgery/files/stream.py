@@ -1,6 +1,6 @@
 """Folding a paired checkpoint on disk, streaming: tensor algebra on the file, no model code.
 
-The recipes run component by component (surgery.fold.components) on tensors read from disk, while a
+The recipes run component by component (surgery.runtime.fold.components) on tensors read from disk, while a
 second thread copies every other tensor through in pieces; the output's layout is fixed before any
 tensor is written, so the two can write in any order and the bytes are always the same.
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SOURCE_KEY, Checkpoint, Output, Writers, open_checkpoint
-from .errors import CheckpointError, FoldError
-from .fold import check_plan, components, fold_components
-from .plan import Plan
-from .tensorfile import finite
+from surgery.errors import CheckpointError, FoldError
+from surgery.files.checkpoint import SOURCE_KEY, Checkpoint, Output, Writers, open_checkpoint
+from surgery.files.tensorfile import finite
+from surgery.plan import Plan
+from surgery.runtime.fold import check_plan, components, fold_components
 
 
 @dataclass
@@ -49,7 +49,7 @@ def fold_checkpoint(
     before_commit: Callable[[Path], None] | None = None,
 ) -> FoldSummary:
     """Fold a paired checkpoint into a thin one, streaming: the recipes run component by component
-    (see surgery.fold.components) on tensors read from disk while a second thread copies every other
+    (see surgery.runtime.fold.components) on tensors read from disk while a second thread copies every other
     tensor through in pieces, so memory holds one component at a time, never the model. The output
     (one file, or shards mirroring the input's) loads strictly into the original architecture; it
     is written atomically and is byte-identical for the same input. `progress(done, total)` is

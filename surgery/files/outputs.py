@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from .errors import CheckpointError
+from surgery.errors import CheckpointError
 
 
 @contextlib.contextmanager
