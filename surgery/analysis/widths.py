@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.analysis.unionfind import DisjointSets
 from surgery.errors import PlanError
 from surgery.ir.capture import _eval_mode, as_example_inputs, capture
 from surgery.ir.graph import Dataflow, Layout
@@ -186,30 +187,21 @@ def _count(module: nn.Module, kind: str, dims: dict[str, int]) -> int:
     return per_channel * n
 
 
-class _Groups:
+class _Groups(DisjointSets):
     """Union-find over width groups, with what each group holds."""
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        super().__init__()
         self.info: list[WidthGroup] = []
 
     def new(self, name: str, width: int) -> int:
-        self.parent.append(len(self.parent))
         self.info.append(WidthGroup(name=name, width=width))
-        return len(self.parent) - 1
-
-    def find(self, g: int) -> int:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
+        return self.add()
 
     def union(self, a: int, b: int) -> int:
-        a, b = self.find(a), self.find(b)
-        if a == b:
-            return a
-        keep, gone = (a, b) if a < b else (b, a)
-        self.parent[gone] = keep
+        keep, gone = self.join(a, b)
+        if gone is None:
+            return keep
         ka, kb = self.info[keep], self.info[gone]
         ka.producers += kb.producers
         ka.readers += kb.readers
@@ -228,7 +220,7 @@ def width_groups(model: nn.Module, example_inputs: Any = None) -> WidthTable:
     flow = capture(model, example_inputs)
     modules = dict(model.named_modules())
     groups, specs = _analyse(flow, modules)
-    roots = sorted({groups.find(i) for i in range(len(groups.parent))})
+    roots = groups.roots()
     index = {r: i for i, r in enumerate(roots)}
     out = [groups.info[r] for r in roots]
     for spec in specs.values():

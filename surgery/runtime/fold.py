@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from surgery.analysis.unionfind import DisjointSets
 from surgery.errors import FoldError
 from surgery.plan import Plan, Site, Target
 from surgery.rewrites import RULES
@@ -106,22 +107,20 @@ def components(plan: Plan) -> list[Component]:
     """The plan's targets grouped into connected components of the parameters they touch, ordered by
     their first update. Updates of disjoint parameters commute, so folding component by component
     equals folding site by site, and only one component's tensors need to be in memory."""
-    parent: dict[str, str] = {}
-
-    def root(name: str) -> str:
-        while parent.setdefault(name, name) != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
+    sets, index = DisjointSets(), {}
     steps = [(site, target) for site in plan.sites for target in site.route.targets]
     for _, target in steps:
+        for name in target.params.values():
+            if name not in index:
+                index[name] = sets.add()
         first, *rest = target.params.values()
         for name in rest:
-            parent[root(name)] = root(first)
-    groups: dict[str, Component] = {}
+            sets.join(index[first], index[name])
+    groups: dict[int, Component] = {}
     for site, target in steps:
-        group = groups.setdefault(root(next(iter(target.params.values()))), Component([], []))
+        group = groups.setdefault(
+            sets.find(index[next(iter(target.params.values()))]), Component([], [])
+        )
         group.steps.append((site, target))
         group.names += [n for n in target.params.values() if n not in group.names]
     return list(groups.values())

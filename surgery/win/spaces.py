@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from surgery.analysis.unionfind import DisjointSets
 from surgery.ir.capture import capture
 from surgery.ir.graph import Dataflow, Op
 
@@ -58,17 +59,15 @@ class SpaceTable:
     """The spaces of one model (from `index_spaces`), after unions."""
 
     def __init__(
-        self, spaces: list[Space], parent: list[int], uses: dict[str, Use], attention: bool
+        self, spaces: list[Space], sets: DisjointSets, uses: dict[str, Use], attention: bool
     ):
-        self._spaces, self._parent, self.uses = spaces, parent, uses
+        self._spaces, self._sets, self.uses = spaces, sets, uses
         self.attention = (
             attention  # the model has attention ops (else widths.width_groups suffices)
         )
 
     def find(self, i: int) -> int:
-        while self._parent[i] != i:
-            i = self._parent[i]
-        return i
+        return self._sets.find(i)
 
     def space(self, i: int) -> Space:
         return self._spaces[self.find(i)]
@@ -77,7 +76,7 @@ class SpaceTable:
         return len(self._spaces)
 
     def roots(self) -> list[int]:
-        return sorted({self.find(i) for i in range(len(self._spaces))})
+        return self._sets.roots()
 
 
 def index_spaces(model: nn.Module, example_inputs: object = None) -> SpaceTable:
@@ -90,7 +89,7 @@ class _Analysis:
     def __init__(self, flow: Dataflow, modules: dict[str, nn.Module]):
         self.flow, self.modules = flow, modules
         self.spaces: list[Space] = []
-        self.parent: list[int] = []
+        self.sets = DisjointSets()
         self.uses: dict[str, Use] = {}
         self.labels: dict[str, Label | None] = {}
 
@@ -98,26 +97,20 @@ class _Analysis:
         for op in self.flow.ops.values():
             self.labels[op.name] = None if op.shape is None and op.kind != "other" else self._op(op)
         attention = any(op.kind in ("attention", "matmul") for op in self.flow.ops.values())
-        return SpaceTable(self.spaces, self.parent, self.uses, attention)
+        return SpaceTable(self.spaces, self.sets, self.uses, attention)
 
     # union-find
     def new(self, key: str, width: int) -> int:
         self.spaces.append(Space(key, width))
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
+        return self.sets.add()
 
     def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
+        return self.sets.find(i)
 
     def union(self, a: int, b: int) -> int:
-        a, b = self.find(a), self.find(b)
-        if a == b:
-            return a
-        keep, gone = min(a, b), max(a, b)
-        self.parent[gone] = keep
+        keep, gone = self.sets.join(a, b)
+        if gone is None:
+            return keep
         k, g = self.spaces[keep], self.spaces[gone]
         if 1 < k.unit != g.unit > 1:
             k.frozen = k.frozen or f"{k.key} and {g.key} are cut into heads of different sizes"
