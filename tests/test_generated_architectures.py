@@ -210,7 +210,8 @@ def test_every_offered_site_folds_exactly_or_is_refused(arch, check):
     thin = surgery.fold(paired)
     with torch.no_grad():
         reference, folded = paired(x), thin(x)
-        assert not torch.equal(reference, model(x))  # the random pairs changed the function
+        if not torch.equal(model(x), model(2 * x)):  # (a model whose output ignores its input)
+            assert not torch.equal(reference, model(x))  # the random pairs changed the function
     error = ((reference - folded).abs().max() / reference.abs().max()).item()
     assert error <= 1e-9, (
         f"{cells} {head} bias={bias}: rel err {error:.2e}, sites {[s.name for s in paired.plan.sites]}"

@@ -275,11 +275,10 @@ def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) ->
             placeholders.append(node.name)
         elif node.op == "call_module":
             sub = modules[node.target]
-            kind, attrs = normalize.classify_module(sub)
+            qkv = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
+            one = len({id(a) for a in qkv if isinstance(a, fx.Node)}) == 1  # e.g. q = k = v
+            kind, attrs = normalize.classify_module(sub, one_activation=one)
             label, module = type(sub).__name__, node.target
-            if kind == "attention":  # self-attention: query, key and value are one tensor
-                qkv = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
-                attrs["self_attention"] = len({id(a) for a in qkv if isinstance(a, fx.Node)}) == 1
             params = {
                 role: f"{node.target}.{role}"
                 for role, value in _module_tensors(sub).items()
@@ -297,16 +296,13 @@ def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) ->
                     for role, arg in zip(("weight", "bias"), node.args[1:], strict=False)
                     if isinstance(arg, fx.Node) and arg.op == "get_attr"
                 }
-            if label == "getitem":
-                kind, attrs = "other", _indexing(node)
         else:  # call_method
             n_tensors = len(tensor_inputs) + len(param_args)
             kind, attrs = normalize.classify_method(
                 node.target, node.args[1:], node.kwargs, n_tensors, first_rank
             )
             label = f".{node.target}()"
-        if kind == "transparent" and tensor_inputs and (len(tensor_inputs) > 1 or param_args):
-            kind, attrs = "other", {"why": f"{label} reads a second tensor"}
+        kind, attrs = normalize.in_context(kind, attrs, label, len(tensor_inputs), len(param_args))
         ops[node.name] = Op(
             name=node.name,
             kind=kind,
@@ -462,9 +458,7 @@ def _module_call_op(
         for name in (_resolve(n, same) for n in m.all_input_nodes):
             if name not in inside and name in ops and name not in inputs:
                 inputs.append(name)
-    kind, attrs = normalize.classify_module(module)
-    if kind == "attention":
-        attrs["self_attention"] = _one_activation(inputs, ops)
+    kind, attrs = normalize.classify_module(module, one_activation=_one_activation(inputs, ops))
     val = out.meta.get("val")
     return Op(
         name=out.name,
@@ -518,10 +512,7 @@ def _aten_op(
     )
     kind, attrs = normalize.classify_aten(node.target, node.args, n_tensors, first_rank)
     label = str(node.target)
-    if _short(node.target) == "getitem":
-        kind, attrs = "other", _indexing(node)
-    if kind == "transparent" and len(tensor_inputs) > 1:
-        kind, attrs = "other", {"why": f"{label} reads a second tensor"}
+    kind, attrs = normalize.in_context(kind, attrs, label, len(tensor_inputs), 0)
     return Op(
         name=node.name,
         kind=kind,
@@ -546,12 +537,6 @@ _ATEN_PARAM_ROLES = {
     "_native_batch_norm_legit_no_training": ("weight", "bias", "running_mean", "running_var"),
     "embedding": ("weight",),
 }
-
-
-def _indexing(node: fx.Node) -> dict[str, Any]:
-    """attrs of a getitem: which element of a tuple (e.g. one part of a split) it takes."""
-    index = node.args[1] if len(node.args) > 1 else None
-    return {"why": "indexing", **({"index": index} if isinstance(index, int) else {})}
 
 
 def _short(target: Any) -> str:

@@ -142,10 +142,11 @@ def is_leaf(m: nn.Module) -> bool:
     return kind in LEAF_KINDS or bool(attrs.get("opaque"))
 
 
-def classify_module(m: nn.Module) -> Classified:
+def classify_module(m: nn.Module, one_activation: bool = False) -> Classified:
     """Kind and attributes of a leaf module call. A module is a known layer only if its forward is
     that layer's forward (see why_not_its_base); otherwise it is "other", traced into where it can
-    be, and opaque where a trace would miss what it does (hooks, parametrizations)."""
+    be, and opaque where a trace would miss what it does (hooks, parametrizations).
+    `one_activation`: the call's activation inputs are one tensor (attention: q = k = v)."""
     why = why_not_its_base(m)
     if why is not None:
         overridden = "overrides the forward" in why
@@ -185,8 +186,24 @@ def classify_module(m: nn.Module) -> Classified:
     if isinstance(m, _NORM_MODULES) or _is_custom_norm(m):
         return "norm", {}
     if isinstance(m, nn.MultiheadAttention):
-        return "attention", {}
+        return "attention", {"self_attention": one_activation}
     return "other", {}
+
+
+def indexing(args: Sequence[Any]) -> Classified:
+    """A getitem: which element of a tuple (e.g. one part of a split) it takes."""
+    index = args[1] if len(args) > 1 else None
+    return "other", {"why": "indexing", **({"index": index} if isinstance(index, int) else {})}
+
+
+def in_context(
+    kind: str, attrs: dict[str, Any], label: str, activations: int, params: int
+) -> Classified:
+    """The kind of a call given what it reads: a channel-commuting op that reads a second tensor
+    (another activation or a parameter) besides h does not commute with a pair on h."""
+    if kind == "transparent" and activations and activations + params > 1:
+        return "other", {"why": f"{label} reads a second tensor"}
+    return kind, attrs
 
 
 _NONLINEAR_FUNCTIONS = {
@@ -347,6 +364,8 @@ def classify_function(
     fn: Any, args: Sequence[Any], kwargs: dict[str, Any], n_tensor_args: int, rank: int
 ) -> Classified:
     """Kind of an fx `call_function` node. `n_tensor_args` counts activation/parameter tensor args."""
+    if fn is operator.getitem:
+        return indexing(args)
     if fn in _OPERATOR_BINARY:
         other = args[1] if len(args) > 1 else None
         first = args[0] if args else None
@@ -495,6 +514,8 @@ _ATEN_NORM = {"layer_norm", "native_layer_norm", "group_norm", "native_group_nor
 def classify_aten(target: Any, args: Sequence[Any], n_tensor_args: int, rank: int) -> Classified:
     """Kind of a torch.export (aten) node; `args` excludes nothing (args[0] is the input)."""
     name = _aten(str(target))
+    if name == "getitem":
+        return indexing(args)
     if name == "linear":
         return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
     if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
