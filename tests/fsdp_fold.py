@@ -48,6 +48,7 @@ def main(out: str) -> None:
     result["in_place_class"] = type(report.model).__name__
     result["in_place_output"] = report.model(x).detach()
     result["bytes"] = (report.received, report.model_bytes)
+    result["local"] = report.local
     torch.save(result, f"{out}.{rank}")
     dist.destroy_process_group()
 

@@ -99,7 +99,8 @@ def test_surgery_fold_of_the_dcp_checkpoint_equals_the_single_process_fold(fsdp_
 
 def test_fold_sharded_folds_in_place_like_the_single_process_fold(fsdp_run):
     """The sharded model itself becomes the thin one (still FSDP2): its gathered state equals the
-    single-process fold bit for bit, and only the folded parameters crossed ranks."""
+    single-process fold bit for bit; consumer folds on row-sharded weights fold shard-locally, and
+    only the other folded parameters and the pairs crossed ranks."""
     for got in fsdp_run[1]:
         reference = got["reference"]
         assert sorted(got["in_place"]) == sorted(reference)  # the pairs are gone
@@ -108,6 +109,7 @@ def test_fold_sharded_folds_in_place_like_the_single_process_fold(fsdp_run):
         assert torch.equal(got["in_place_output"], got["outputs"][0])
         received, model_bytes = got["bytes"]
         assert 0 < received < model_bytes
+        assert any(name.endswith(".weight") for name in got["local"])
 
 
 def test_a_sharding_that_cuts_tied_weights_is_refused_before_training():

@@ -244,33 +244,53 @@ def fold(
     return thin
 
 
+def _row_local(group: Component, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every update of `group` maps each row (dim 0) of its tensors on its own, and FSDP2
+    holds all of them by rows: then each rank folds its own shard with no traffic."""
+    return all(
+        RULES[t.rule].factors == "input" and t.axis != 0 and t.out_axis == 0
+        for _, t in group.steps
+        if t.rule in RULES
+    ) and all(sharded.row_sharded(tensors[name]) for name in group.names)
+
+
 @dataclass
 class ShardedFold:
     """What `fold_sharded` did on this rank: the model (now thin, still sharded), the bytes this rank
-    received to fold, and the bytes of the whole model (every parameter and buffer, unsharded)."""
+    received to fold, the bytes of the whole model (every parameter and buffer, unsharded), and the
+    tensors folded shard-locally (no traffic)."""
 
     model: nn.Module
     received: int
     model_bytes: int
+    local: list[str]
 
 
 def fold_sharded(paired: nn.Module) -> ShardedFold:
-    """Fold an FSDP2-sharded paired model in place across ranks (every rank calls it): each fold
-    component's parameters are gathered, folded in float64 like `fold`, and written back to this
-    rank's shards; the pairs are dropped. No rank holds more than one component in full, and only
-    the parameters the plan folds cross ranks (see `received` against `model_bytes`)."""
+    """Fold an FSDP2-sharded paired model in place across ranks (every rank calls it), in float64
+    like `fold`; the pairs are dropped. A component whose updates all act on the weights' input
+    dim while FSDP2 holds their rows (dim 0) folds shard-locally: each rank maps its own rows with
+    the small W = M2 M1, and only the pairs cross ranks. Any other component (a producer fold
+    mixes rows) is gathered, folded and written back to this rank's shards; no rank holds more than
+    one component in full (see `received` against `model_bytes`)."""
     model = unwrap(paired)
     plan = plan_of(model)
     if not sharded.is_sharded(model):
         raise FoldError("fold_sharded folds a model sharded by FSDP2's fully_shard; use fold")
     tensors = model.state_dict(keep_vars=True)
     check_plan(plan, {name: tuple(t.shape) for name, t in tensors.items()})
-    state = sharded.Gathering(tensors)
+    local = {
+        name for group in components(plan) if _row_local(group, tensors) for name in group.names
+    }
+    state = sharded.Gathering(tensors, local=local)
     with torch.no_grad():
         for folded in fold_components(state, plan):
             for name, value in folded.items():
-                sharded.write_back(tensors[name], value)
+                if name in local:
+                    tensors[name].to_local().copy_(value)
+                else:
+                    sharded.write_back(tensors[name], value)
     detach(model)
     pair_keys = plan.pair_keys()
     total = sum(t.numel() * t.element_size() for n, t in tensors.items() if n not in pair_keys)
-    return ShardedFold(model, state.received, total)
+    return ShardedFold(model, state.received, total, sorted(local))

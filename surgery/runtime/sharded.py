@@ -117,15 +117,27 @@ def gathered(model: nn.Module) -> nn.Module:
     return load_full(plain_copy(model), full_state_dict(model, rank0_only=False))
 
 
+def row_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor split by rows (dim 0) over a one-dimensional mesh, as FSDP2 holds
+    every parameter."""
+    from torch.distributed.tensor import Shard
+
+    placements = getattr(t, "placements", None)
+    return placements is not None and list(placements) == [Shard(0)]
+
+
 class Gathering(Mapping[str, torch.Tensor]):
     """A sharded model's tensors, each gathered in full when read (a collective: every rank must
-    read the same names in the same order); `received` counts the bytes that came from other ranks."""
+    read the same names in the same order), except the `local` ones: this rank's shard, with no
+    traffic. `received` counts the bytes that came from other ranks."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self.tensors, self.received = tensors, 0
+    def __init__(self, tensors: Mapping[str, torch.Tensor], local: set[str] | None = None):
+        self.tensors, self.local, self.received = tensors, local or set(), 0
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
+        if name in self.local:
+            return t.to_local().detach()
         if not hasattr(t, "full_tensor"):
             return t.detach()
         full = t.full_tensor()
