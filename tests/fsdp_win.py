@@ -85,6 +85,8 @@ def _setup(family: str):
 def run_win(family: str, world: int, rank: int) -> dict:
     torch.manual_seed(0)
     student, teacher, batches, stages = _setup(family)
+    if world > 1:  # the frozen teacher sharded too (its layers, then the root)
+        win.shard(teacher)
     mine = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
     recipe = win.Recipe(
         stages=stages,

@@ -64,8 +64,9 @@ def test_premerged_training_under_fsdp2_follows_the_plain_trajectory(fsdp_win):
 
 
 def test_win_under_fsdp2_equals_the_single_process_run(fsdp_win):
-    """Imitation + fine-tuning sharded per block on 2 ranks, each holding half of every batch, ends
-    where one process on the whole batches ends (float64), on a CNN and on a tiny HF LLaMA."""
+    """Imitation + fine-tuning sharded per block on 2 ranks (the frozen teacher sharded too), each
+    holding half of every batch, ends where one process on the whole batches ends (float64), on a
+    CNN, a tiny HF LLaMA and a tied GPT-2."""
     from fsdp_win import FAMILIES, run_win
 
     ranks = fsdp_win

@@ -21,7 +21,7 @@ from surgery.ir.capture import as_example_inputs, capture
 from surgery.plan import Placement
 from surgery.runtime.models import plan_of, unwrap
 from surgery.runtime.pairs import probe
-from surgery.runtime.sharded import is_sharded
+from surgery.runtime.sharded import is_sharded, plain_copy
 
 Mapping_ = Mapping[str, str] | int | str
 
@@ -53,6 +53,14 @@ def teacher_site(name: str, mapping: Mapping_) -> str:
 
 
 def teacher_table(teacher: nn.Module, example_inputs: Any) -> BlockTable:
+    """The teacher's block table. A teacher sharded by FSDP2 is captured as a copy of its module tree
+    on the meta device (its structure is all the table needs; nothing is gathered)."""
+    if is_sharded(teacher):
+        example_inputs = tuple(
+            x.to("meta") if isinstance(x, torch.Tensor) else x
+            for x in as_example_inputs(teacher, example_inputs)
+        )
+        teacher = plain_copy(teacher)
     return analyse(capture(teacher, example_inputs), inside_blocks=True)
 
 
