@@ -6,6 +6,7 @@ student steps; metric: test bits/char.
 
     python bench/win_charlm.py            # 3 seeds, the default size
     python bench/win_charlm.py --quick    # 2 seeds, 300 steps
+    python bench/win_charlm.py --teacher-steps 3000   # a better-trained teacher (stage 1 only)
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=0, help="student steps (default 1000)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--teacher-steps", type=int, default=0, help="stage 1 steps (default: the student's)"
+    )
     parser.add_argument("--eval-every", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -108,7 +112,7 @@ def main() -> None:
         example=train_batches[0][0][:2],
         evaluate=bits_per_char,
         steps=steps,
-        teacher_steps=steps,  # stage 1: not the student's budget
+        teacher_steps=args.teacher_steps or steps,  # stage 1: not the student's budget
         lr=3e-3,
         finetune_lr=3e-3,  # the sampled start fine-tuned at 1e-3 ended below vanilla (measured)
         imitation_lr=1e-3,

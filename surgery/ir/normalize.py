@@ -513,9 +513,9 @@ _ATEN_NORM = {"layer_norm", "native_layer_norm", "group_norm", "native_group_nor
 
 def classify_aten(target: Any, args: Sequence[Any], n_tensor_args: int, rank: int) -> Classified:
     """Kind of a torch.export (aten) node; `args` excludes nothing (args[0] is the input)."""
-    name = _aten(str(target))
-    if name == "getitem":
+    if target is operator.getitem:  # export keeps Python's getitem for tuple outputs (a split)
         return indexing(args)
+    name = _aten(str(target))
     if name == "linear":
         return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
     if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
