@@ -84,7 +84,8 @@ def fold_state_dict(
     thin = OrderedDict((k, v) for k, v in state.items() if k not in pair_keys)
     for folded in fold_components(state, plan, factored=factored):
         for name, value in folded.items():
-            thin[name] = value.to(state[name].dtype)
+            # contiguous: FSDP2 refuses strided parameters (the algebra's permutes leave some)
+            thin[name] = value.to(state[name].dtype).contiguous()
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:  # module versions: some _load_from_state_dict refuse a state without
         thin._metadata = OrderedDict(  # type: ignore[attr-defined]
