@@ -126,12 +126,14 @@ def _heads(idx: torch.Tensor, size: int) -> list[int]:
     return (blocks[:, 0] // size).tolist()
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_llama_gqa_heads_stay_whole_and_grouped(seed):
+@pytest.mark.parametrize(
+    "seed, select", [(0, "energy"), (1, "random"), (2, "random"), (3, "random")]
+)
+def test_llama_gqa_heads_stay_whole_and_grouped(seed, select):
     teacher = _indexed(llama(64, 8, 2))  # 4 query heads per key/value head
     student = llama(32, 4, 1).double()  # 4 query heads over 1 key/value head
     win.sample_from_teacher(
-        student, teacher, (TOKENS,), generator=torch.Generator().manual_seed(seed)
+        student, teacher, (TOKENS,), generator=torch.Generator().manual_seed(seed), select=select
     )
     residual = None
     for layer in student.model.layers:
@@ -179,3 +181,22 @@ def test_sampled_half_width_student_runs(family):
     student, teacher = make_student().eval(), make_teacher().eval()
     win.sample_from_teacher(student, teacher, (TOKENS,), refit=(TOKENS,))
     assert torch.isfinite(_output(student)).all()
+
+
+def test_energy_selection_keeps_the_teachers_loudest_features_and_heads():
+    """select="energy": the residual features and the heads whose inputs carry the most energy in the
+    teacher are the ones the student takes (here made 100x louder than the rest)."""
+    torch.manual_seed(0)
+    teacher, student = gpt2(64, 8).eval(), gpt2(32, 4).eval()
+    loud = [3, 17, 40, 41, 60]
+    with torch.no_grad():
+        teacher.transformer.wte.weight[:, loud] *= 100
+        for block in teacher.transformer.h:  # value head 5: its output columns of the packed c_attn
+            block.attn.c_attn.weight[:, 128 + 5 * 8 : 128 + 6 * 8] *= 100
+    win.sample_from_teacher(student, teacher, (TOKENS,), select="energy")
+    quiet = teacher.transformer.wte.weight.abs().median()
+    loud_columns = student.transformer.wte.weight.abs().mean(0) > 10 * quiet
+    assert int(loud_columns.sum()) == len(loud)  # every loud residual feature, once
+    for block in student.transformer.h:
+        v_heads = block.attn.c_attn.weight[:, 64:].reshape(32, 4, 8).norm(dim=(0, 2))
+        assert v_heads.max() > 10 * v_heads.median()  # the loud value head was taken

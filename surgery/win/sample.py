@@ -27,6 +27,7 @@ def sample_from_teacher(
     scale: str | float = "none",
     refit: Any = None,
     ridge: float = 1e-3,
+    select: str = "random",
 ) -> nn.Module:
     """Initialise `student` in place from `teacher` (same module names, wider layers) and return it.
 
@@ -43,13 +44,27 @@ def sample_from_teacher(
     student's own inputs (earlier layers already refitted) it reproduces the teacher's outputs at the
     sampled channels (layerwise reconstruction, as in channel pruning; beyond the paper). A random
     half of a trained network computes nearly nothing (near-chance accuracy); refitted, most of the
-    teacher's function survives. None: copy only."""
+    teacher's function survives. None: copy only.
+
+    select (attention models): "random" units, or "energy": the features and heads whose inputs
+    carry the most energy in the teacher on `refit` (else the example inputs), measured at every
+    norm and every Linear reading them; units nothing reads directly stay random."""
+    if select not in ("random", "energy"):
+        raise PlanError(f"select must be 'random' or 'energy', got {select!r}")
     inputs = as_example_inputs(student, example_inputs)
     s_spaces = index_spaces(student, inputs)
     if s_spaces.attention:
-        outs = _sample_heads(
-            student, teacher, s_spaces, index_spaces(teacher, inputs), generator, scale
+        t_spaces = index_spaces(teacher, inputs)
+        energy = (
+            _energies(
+                teacher,
+                t_spaces,
+                as_example_inputs(student, example_inputs if refit is None else refit),
+            )
+            if select == "energy"
+            else {}
         )
+        outs = _sample_heads(student, teacher, s_spaces, t_spaces, generator, scale, energy)
     else:
         outs = _sample_channels(student, teacher, inputs, generator, scale)
     if refit is not None:
@@ -104,10 +119,11 @@ def _sample_heads(
     t_spaces: SpaceTable,
     generator: torch.Generator | None,
     scale: str | float,
+    energy: dict[int, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Attention models: whole heads, one residual-stream subset shared by every block, the
     query/key-value grouping kept (surgery.win.spaces); every other tensor copied as it is."""
-    chosen = _choose(s_spaces, t_spaces, generator)
+    chosen = _choose(s_spaces, t_spaces, generator, energy)
     s_params = student.state_dict(keep_vars=True)  # tied tensors under each of their names
     t_params = teacher.state_dict(keep_vars=True)
     done: set[str] = set()
@@ -148,8 +164,45 @@ def _sample_heads(
     return outs
 
 
+def _energies(
+    teacher: nn.Module, t_spaces: SpaceTable, inputs: tuple[Any, ...]
+) -> dict[int, torch.Tensor]:
+    """Teacher space root -> mean square of each feature where it is read: the input of every norm
+    over it and of every Linear reading it, each reader's vector scaled to mean 1 (one vote each)."""
+    energy: dict[int, torch.Tensor] = {}
+
+    def record(root: int, x: torch.Tensor) -> None:
+        if x.shape[-1] != t_spaces.space(root).width:
+            return
+        e = x.detach().double().pow(2).flatten(0, -2).mean(0)
+        energy[root] = energy.get(root, 0) + e / e.mean().clamp_min(1e-30)
+
+    modules = dict(teacher.named_modules())
+    handles = []
+    for use in t_spaces.uses.values():
+        read = use.space if use.kind == "norm" else use.in_space if use.in_per == 1 else None
+        if use.kind == "embedding" or read is None:
+            continue
+        root = t_spaces.find(read)
+        handles.append(
+            modules[use.module].register_forward_pre_hook(
+                lambda m, a, root=root: record(root, a[0])
+            )
+        )
+    try:
+        with torch.no_grad():
+            teacher(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return energy
+
+
 def _choose(
-    s_spaces: SpaceTable, t_spaces: SpaceTable, generator: torch.Generator | None
+    s_spaces: SpaceTable,
+    t_spaces: SpaceTable,
+    generator: torch.Generator | None,
+    energy: dict[int, torch.Tensor],
 ) -> dict[int, torch.Tensor]:
     """Student space id (every id, not only roots) -> the teacher's feature indices it takes."""
     t_by_key = {t_spaces.space(r).key: r for r in t_spaces.roots()}
@@ -177,7 +230,7 @@ def _choose(
                 [by_root[s_spaces.find(p)] + offsets[i] for i, p in enumerate(s.parts)]
             )
             continue
-        by_root[r] = _pick(s, t, s_spaces, by_root, generator)
+        by_root[r] = _pick(s, t, s_spaces, by_root, generator, energy.get(t_by_key[s.key]))
     return {i: by_root[s_spaces.find(i)] for i in range(len(s_spaces))}
 
 
@@ -187,9 +240,11 @@ def _pick(
     s_spaces: SpaceTable,
     by_root: dict[int, torch.Tensor],
     generator: torch.Generator | None,
+    energy: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The teacher features student space `s` takes: all of them at equal width, else whole units
-    at random (query heads inside the key/value heads already chosen under grouped attention)."""
+    """The teacher features student space `s` takes: all of them at equal width, else whole units,
+    the most energetic ones when `energy` is known, else at random (query heads inside the
+    key/value heads already chosen under grouped attention)."""
     if t.width < s.width:
         raise PlanError(
             f"sample_from_teacher: the teacher is narrower than the student at {s.key} ({t.width} < {s.width})"
@@ -207,6 +262,7 @@ def _pick(
         raise PlanError(
             f"sample_from_teacher: {s.key}: grouped-query attention in only one of student and teacher"
         )
+    scores = None if energy is None else energy.reshape(-1, t.unit).sum(1)  # per unit
     if s.grouped is not None:
         kv = by_root[s_spaces.find(s.grouped[0])][:: s.unit] // s.unit  # the chosen key/value heads
         per_s, per_t = s.grouped[1], t.grouped[1]
@@ -216,18 +272,20 @@ def _pick(
                 f"teacher only {per_t}"
             )
         heads = torch.cat(
-            [
-                h * per_t + torch.randperm(per_t, generator=generator)[:per_s].sort().values
-                for h in kv
-            ]
+            [h * per_t + _units(per_t, per_s, generator, scores, h * per_t) for h in kv]
         )
     else:
-        heads = (
-            torch.randperm(t.width // t.unit, generator=generator)[: s.width // s.unit]
-            .sort()
-            .values
-        )
+        heads = _units(t.width // t.unit, s.width // s.unit, generator, scores, 0)
     return _features(heads, s.unit)
+
+
+def _units(
+    n: int, k: int, generator: torch.Generator | None, scores: torch.Tensor | None, first: int
+) -> torch.Tensor:
+    """k of the n units first .. first+n-1 (as offsets, sorted): the top-scoring ones, or random."""
+    if scores is None:
+        return torch.randperm(n, generator=generator)[:k].sort().values
+    return scores[first : first + n].topk(k).indices.sort().values
 
 
 def _refit(
