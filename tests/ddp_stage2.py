@@ -1,8 +1,10 @@
-"""Run under torchrun: a short WIN stage 2 with DistributedDataParallel (gloo), then write this rank's
-flattened weights so the test can check that the ranks agree."""
+"""Run under torchrun: a short WIN stage 2 with DistributedDataParallel (gloo) and a short budget
+recipe under FSDP2, then write this rank's flattened weights so the test can check that the ranks
+agree."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -10,6 +12,7 @@ import torch.distributed as dist
 from win_models import DeepThin, synthetic_batches
 
 from surgery import win
+from surgery.win.loop import recipe_start
 
 
 def main(out: str) -> None:
@@ -25,7 +28,13 @@ def main(out: str) -> None:
         paired, teacher, batches, x, [["blocks.0"], ["blocks.1"]], 5, lr=0.05, restarts=1
     )
     flat = torch.cat([p.detach().flatten() for p in paired.parameters()])
-    torch.save({"rank": rank, "weights": flat, "finals": finals}, f"{out}.{rank}")
+    # the measured recipe under FSDP2: its start is fitted on each rank's own batches
+    recipe = win.Recipe(steps=6, stages=[["blocks.0"]], sharding="fsdp", sample_refit=64)
+    started = copy.deepcopy(student)
+    recipe_start(started, teacher, batches, x, recipe.for_model(started, x))
+    start = torch.cat([p.detach().flatten() for p in started.parameters()])
+    win.win(student, teacher, batches, x, recipe)  # and the whole recipe runs under FSDP2
+    torch.save({"rank": rank, "weights": flat, "finals": finals, "start": start}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 

@@ -237,6 +237,7 @@ def test_stage2_under_torchrun_keeps_ranks_identical(tmp_path):
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
     assert ranks[0]["finals"] == ranks[1]["finals"]
+    assert torch.equal(ranks[0]["start"], ranks[1]["start"])  # one start, though fitted per rank
 
 
 @pytest.mark.parametrize("policy", ["always", "auto"])
@@ -355,8 +356,7 @@ def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: counted.append(1))
     try:
         recipe = win.Recipe(
-            steps=steps, imitation_share=share, stages=[["blocks.0"], ["blocks"]], merge=merge,
-            sampled_start=True,
+            steps=steps, imitation_share=share, stages=[["blocks.0"], ["blocks"]], merge=merge
         )  # fmt: skip
         result = win.win(DeepThin(), trained_teacher, synthetic_batches(), X, recipe)
     finally:
@@ -394,3 +394,29 @@ def test_recipe_defaults_are_chosen_from_the_model():
     )
     mine = win.Recipe(finetune_lr=3e-4, clip=0.5).for_model(attention, (tokens,))
     assert (mine.optimizer, mine.finetune_lr, mine.clip) == ("adam", 3e-4, 0.5)
+
+
+def test_a_budget_takes_the_measured_recipe_and_a_schedule_the_papers():
+    """Recipe(steps=N) left unset is the recipe the WIN benchmarks measured; the schedule form keeps
+    the paper's Section 5 choices; a field the user set is kept in both."""
+    fields = ("sampled_start", "least_squares_start", "loss", "merge", "sample_select")
+    budget = win.Recipe(steps=100).for_model(DeepThin(), X)
+    measured = (True, True, "nmse", "after_imitation", "energy")
+    assert tuple(getattr(budget, f) for f in fields) == measured
+    paper = win.Recipe(imitation_steps=10, finetune_steps=90).for_model(DeepThin(), X)
+    assert tuple(getattr(paper, f) for f in fields) == (
+        False,
+        False,
+        "mse",
+        "after_finetune",
+        "random",
+    )
+    mine = win.Recipe(steps=100, sampled_start=False, loss="ln", merge="after_finetune")
+    mine = mine.for_model(DeepThin(), X)
+    assert tuple(getattr(mine, f) for f in fields) == (
+        False,
+        True,
+        "ln",
+        "after_finetune",
+        "energy",
+    )

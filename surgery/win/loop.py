@@ -472,7 +472,10 @@ def _reinitialise(model: nn.Module, modules: list[str], seed: int) -> None:
 
 @dataclass
 class Recipe:
-    """WIN stages 2-3 (the paper's Section 5 defaults where it gives them)."""
+    """WIN stages 2-3. Given a budget (`steps=N`), every field left unset takes the recipe measured on
+    bench/win_vision.py and bench/win_charlm.py (sampled start refitted by least squares, closed-form
+    M1, normalised MSE, fold after imitation, KD fine-tuning); given a schedule (`imitation_steps`,
+    `finetune_steps`), the paper's Section 5 defaults."""
 
     stages: str | Sequence[Sequence[str]] = (
         "blocks"  # "blocks" (each its own), "resolution", or explicit chunks
@@ -492,10 +495,17 @@ class Recipe:
     kd_weight: float = 1.0  # 1: KL to the teacher's logits only (the paper); 0: labels only
     temperature: float = 1.0
     restarts: int = 0
-    loss: str = "mse"  # the paper's; "nmse" divides by the teacher's mean square (scale-free lr)
+    # None: "nmse" with a budget (divides by the teacher's mean square: one lr fits every model),
+    # else the paper's "mse"; also "ln" / "std" (both sides standardised), "kl"
+    loss: str | None = None
     mapping: Mapping_ = "same"  # student site -> teacher block: "same", k (1:k), or a dict
-    sampled_start: bool = False  # Assumption 3.4: thin layers sampled from the wide ones
+    # Assumption 3.4: thin layers sampled from the wide ones (None: with a budget only; it carries
+    # most of the measured gain, README)
+    sampled_start: bool | None = None
     sample_scale: str | float = "none"  # plain slice; "fan_in" (x D/d), "sqrt": sample_from_teacher
+    # attention models: "random" units (the paper) or "energy" (the most energetic features and heads
+    # of the teacher, sample_from_teacher); None: "energy" with a budget (measured, README)
+    sample_select: str | None = None
     reset_narrow: bool = False  # M2 := pinv(M1) after each stage (pairs pass features on unchanged)
     sample_refit: int = (
         512  # examples of `batches` the sampled layers are refitted on (0: copy only)
@@ -506,8 +516,11 @@ class Recipe:
     )
     warmup: float | None = None  # share of fine-tuning steps warming up (SGD 0, AdamW 0.05)
     clip: float | None = None  # gradient-norm clipping in every stage (SGD 0: off, AdamW 1.0)
-    least_squares_start: bool = False  # closed-form M1 before the gradient steps (beyond the paper)
-    merge: str = "after_finetune"  # or "after_imitation" (fold, then fine-tune the thin model)
+    # closed-form M1 before the gradient steps (beyond the paper; None: with a budget only)
+    least_squares_start: bool | None = None
+    # "after_finetune" (the paper) or "after_imitation": fold, then fine-tune the thin model
+    # (None: after_imitation with a budget, where fine-tuning the pairs sometimes diverged)
+    merge: str | None = None
     premerged: bool | str = "auto"  # train the paired model with merged pairs (surgery.premerged)
     # under torchrun: "auto"/"ddp" (DistributedDataParallel), "fsdp" (FSDP2 per block and at the
     # root), "none", or a callable wrapping the model; a model already wrapped is used as it is
@@ -519,19 +532,25 @@ class Recipe:
     def for_model(self, model: nn.Module, example_inputs: Any = None) -> Recipe:
         """This recipe with every field left at None chosen for `model`: a model with attention
         trains with AdamW (lr 1e-3, 5% warm-up, gradient norm clipped at 1), any other with the
-        paper's SGD (imitation lr 0.1, fine-tuning 0.01, no warm-up, no clipping)."""
+        paper's SGD (imitation lr 0.1, fine-tuning 0.01, no warm-up, no clipping); the start, the
+        imitation loss and the merge as the class docstring says (budget: measured; schedule: paper)."""
         optimizer = self.optimizer
         if optimizer is None:
             flow = capture(model, as_example_inputs(model, example_inputs))
             attention = any(op.kind in ("attention", "matmul") for op in flow.ops.values())
             optimizer = "adam" if attention else "sgd"
-        adam = optimizer == "adam"
+        adam, measured = optimizer == "adam", self.steps is not None
         chosen = dict(
             optimizer=optimizer,
             imitation_lr=1e-3 if adam else 0.1,
             finetune_lr=1e-3 if adam else 0.01,
             warmup=0.05 if adam else 0.0,
             clip=1.0 if adam else 0.0,
+            sampled_start=measured,
+            least_squares_start=measured,
+            loss="nmse" if measured else "mse",
+            merge="after_imitation" if measured else "after_finetune",
+            sample_select="energy" if measured else "random",
         )
         return replace(self, **{k: v for k, v in chosen.items() if getattr(self, k) is None})
 
@@ -577,6 +596,12 @@ def recipe_start(
 ) -> None:
     """The recipe's sampled start, in place: the teacher sliced with `sample_scale`, each sampled
     layer refitted on `sample_refit` examples of `batches` (none when 0)."""
+    if is_sharded(teacher):
+        raise PlanError(
+            "the sampled start reads the teacher's full weights and this teacher is sharded by "
+            "FSDP2: pass sampled_start=False, or sample the student (win.sample_from_teacher) "
+            "before sharding the teacher"
+        )
     refit = recipe.sample_refit
     sample_from_teacher(
         student,
@@ -584,7 +609,17 @@ def recipe_start(
         inputs,
         scale=recipe.sample_scale,
         refit=calibration(batches, refit) if refit else None,
+        select=recipe.sample_select,
     )
+    same_on_every_rank(student)
+
+
+def same_on_every_rank(model: nn.Module) -> None:
+    """Under torchrun, rank 0's parameters and buffers on every rank: a start fitted on each rank's
+    own batches differs between ranks, and FSDP2 (unlike DDP) does not broadcast at wrapping."""
+    if _distributed() and dist.get_world_size() > 1:
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
 
 
 def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
@@ -709,6 +744,7 @@ def win(
         least_squares_start(
             Imitation(paired, teacher, inputs, sites=sites, mapping=recipe.mapping), *ls_inputs
         )
+        same_on_every_rank(paired)
     finals = imitate(
         paired,
         teacher,
