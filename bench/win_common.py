@@ -8,10 +8,15 @@ but no imitation, and imitation from a random start. Each over several seeds (me
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,15 +46,18 @@ class Setup:
     imitation_lr: float | None = None
     sampled_start: bool = True  # full WIN's start; False where the family has no sampling rule yet
     optimizer: str = "sgd"
-    loss: str = "nmse"  # imitation loss (scale-free; the paper's plain "mse" needs per-model learning rates)
     lower_is_better: bool = False  # the metric's direction (bits/char: lower)
-    recipe: dict = field(default_factory=dict)  # further win.Recipe fields of the default recipe
+    recipe: dict = field(
+        default_factory=dict
+    )  # win.Recipe fields set beyond the library's defaults
     kd_lr: float | None = None  # KD from a random start (default: lr, like vanilla)
     eval_every: int = 0  # >0: evaluate every so many steps for "steps to vanilla's final metric"
     teacher_lr: float | None = None
     make_teacher: Callable[[], nn.Module] | None = None  # default: win.widen by teacher_factor
     warmup: float = 0.0  # teacher, vanilla and KD: share of steps warming up (transformers)
     clip: float | None = None  # teacher, vanilla and KD: gradient-norm clipping (transformers)
+    teachers: str | None = None  # a folder keeping trained teachers between runs (exploration)
+    only: Sequence[str] | None = None  # run only these rows (exploration; the table needs all)
 
 
 def memoize_outputs(teacher: nn.Module) -> None:
@@ -73,10 +81,8 @@ def memoize_outputs(teacher: nn.Module) -> None:
 
 
 def _methods(
-    setup: Setup, teacher: nn.Module, n_stages: int, track: Callable[[str], Callable]
+    setup: Setup, teacher: nn.Module, track: Callable[[str], Callable | None]
 ) -> dict[str, Callable[[nn.Module], nn.Module]]:
-    per_stage = max(1, int(setup.steps * setup.imitation_fraction) // n_stages)
-    finetune = setup.steps - per_stage * n_stages
 
     def vanilla(s):
         win.train(
@@ -109,17 +115,18 @@ def _methods(
         return s
 
     def recipe(name: str, **changes) -> win.Recipe:
+        # the budget form: every field the benchmark does not set is the library's default recipe
         fields = dict(
             stages=setup.stages,
-            imitation_steps=per_stage,
-            finetune_steps=finetune,
+            steps=setup.steps,
+            imitation_share=setup.imitation_fraction,
             imitation_lr=setup.imitation_lr or setup.lr,
             finetune_lr=setup.finetune_lr,
-            sampled_start=setup.sampled_start,
             optimizer=setup.optimizer,
-            loss=setup.loss,
             callback=track(name),
         )
+        if not setup.sampled_start:
+            fields["sampled_start"] = False
         fields.update(setup.recipe)
         fields.update(changes)
         return win.Recipe(**fields)
@@ -150,22 +157,130 @@ def _methods(
     if setup.sampled_start:
         methods["ablation: sampled start + KD, no imitation"] = sampled_kd
         methods["ablation: imitation from a random start + KD"] = random_imitation
-    if (setup.recipe.get("loss") or setup.loss) != "mse":
+    if setup.recipe.get("loss", "nmse") != "mse":
         methods["ablation: WIN with the paper's plain MSE"] = plain_mse
     return methods
 
 
-def run(setup: Setup, seeds: Sequence[int], metric: str) -> str:
-    """Train everything for each seed and return the table (mean +- std over seeds)."""
+def run(setup: Setup, seeds: Sequence[int], metric: str, jobs: int = 0) -> str:
+    """Train everything for each seed and return the table (mean +- std over seeds).
+
+    The work is cut into tasks: one per seed trains its teacher (saved to a temporary file), then
+    the methods of that seed run in `jobs` groups, each group reusing one memoized teacher. The tasks
+    run in `jobs` worker processes of one thread each (default: one per core): these models are too
+    small for two threads to halve a step, so two processes finish the table sooner than one. Every
+    task seeds itself as the sequential order did, so the rows do not depend on `jobs`."""
+    jobs = jobs or os.cpu_count() or 1
+    names = list(_methods(setup, nn.Module(), lambda name: None))  # the rows, in order
+    names = [n for n in names if setup.only is None or n in setup.only]
+    groups = [names[i::jobs] for i in range(min(jobs, len(names)))]
+    global _SETUP
+    _SETUP = setup  # the workers are forked: they inherit it (lambdas do not pickle)
+    results: dict[tuple, dict] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        if jobs == 1:
+            for seed in seeds:
+                results[(seed,)] = _teacher_task(seed, folder)
+                for group in groups:
+                    results[(seed, *group)] = _methods_task(seed, group, folder)
+        else:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(
+                jobs, context, initializer=torch.set_num_threads, initargs=(1,)
+            ) as pool:
+                pending = {pool.submit(_teacher_task, seed, folder): (seed,) for seed in seeds}
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        key = pending.pop(future)
+                        results[key] = future.result()
+                        if len(key) == 1:  # a teacher is ready: its seed's methods can start
+                            for group in groups:
+                                task = pool.submit(_methods_task, key[0], group, folder)
+                                pending[task] = (key[0], *group)
     scores: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
     curves: dict[str, list[list[tuple[int, float]]]] = {}  # name -> per seed [(step, metric)]
+    for seed in seeds:
+        parts = [results[(seed,)]] + [results[(seed, *group)] for group in groups]
+        for part in parts:
+            for name, (score, spent, curve) in part.items():
+                if name == "teacher":
+                    name = f"teacher ({setup.teacher_factor:g}x wide)"
+                    seconds["teacher"] = seconds.get("teacher", 0) + spent
+                else:
+                    seconds[name] = seconds.get(name, 0) + spent
+                scores.setdefault(name, []).append(score)
+                if curve is not None:
+                    curves.setdefault(name, []).append(curve)
+    if setup.only is not None:
+        return "(some rows only: their results are printed above)"
+    order = [k for k in scores if k.startswith("teacher")] + names
+    scores = {k: scores[k] for k in order}
+    return table(setup, scores, seconds, curves, len(seeds), metric)
+
+
+_SETUP: Setup | None = None  # the benchmark being run, for the worker processes
+
+
+def _models(setup: Setup, seed: int) -> tuple[nn.Module, nn.Module]:
+    """The seed's thin student at initialisation and its (untrained) wide teacher."""
+    torch.manual_seed(seed)
+    student0 = setup.make_student()
+    teacher = (
+        setup.make_teacher()
+        if setup.make_teacher
+        else win.widen(student0, setup.teacher_factor, setup.example)
+    )
+    return student0, teacher
+
+
+def _teacher_task(seed: int, folder: str) -> dict[str, tuple[float, float, None]]:
+    """Stage 1 for one seed: train the teacher, save it for the seed's method tasks."""
+    setup = _SETUP
+    _, teacher = _models(setup, seed)
+    lr = setup.teacher_lr or setup.lr
+    kept = (
+        setup.teachers and Path(setup.teachers) / f"teacher-{seed}-{setup.teacher_steps}-{lr:g}.pt"
+    )
+    start = time.perf_counter()
+    if kept and kept.exists():  # trained by an earlier run (exploration only: --teachers)
+        teacher.load_state_dict(torch.load(kept, weights_only=True))
+    else:
+        win.train(
+            teacher,
+            setup.batches,
+            setup.teacher_steps,
+            lr=lr,
+            optimizer=setup.optimizer,
+            warmup=setup.warmup,
+            clip=setup.clip,
+        )
+        if kept:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(teacher.state_dict(), kept)
+    spent = time.perf_counter() - start
+    torch.save(teacher.state_dict(), Path(folder) / f"teacher{seed}.pt")
+    score = setup.evaluate(teacher.eval())
+    print(f"seed {seed}: teacher {score:.4f} ({spent:.0f} s)", flush=True)
+    return {"teacher": (score, spent, None)}
+
+
+def _methods_task(seed: int, names: list[str], folder: str) -> dict[str, tuple]:
+    """Some of one seed's methods, each from the same student initialisation: name -> (final
+    metric, seconds, curve of (step, metric) or None)."""
+    setup = _SETUP
+    student0, teacher = _models(setup, seed)
+    state = torch.load(Path(folder) / f"teacher{seed}.pt", weights_only=True)
+    teacher.load_state_dict(state)
+    teacher.eval()
+    memoize_outputs(teacher)
+    curves: dict[str, list[tuple[int, float]]] = {}
 
     def track(name: str) -> Callable | None:
         if not setup.eval_every:
             return None
-        curve: list[tuple[int, float]] = []
-        curves.setdefault(name, []).append(curve)
+        curve = curves.setdefault(name, [])
 
         def callback(model: nn.Module, step: int) -> None:
             if step % setup.eval_every == 0 or step == setup.steps:
@@ -173,40 +288,16 @@ def run(setup: Setup, seeds: Sequence[int], metric: str) -> str:
 
         return callback
 
-    for seed in seeds:
-        torch.manual_seed(seed)
-        student0 = setup.make_student()
-        teacher = (
-            setup.make_teacher()
-            if setup.make_teacher
-            else win.widen(student0, setup.teacher_factor, setup.example)
-        )
+    methods = _methods(setup, teacher, track)
+    out = {}
+    for name in names:
+        torch.manual_seed(seed + 1)
         start = time.perf_counter()
-        win.train(
-            teacher,
-            setup.batches,
-            setup.teacher_steps,
-            lr=setup.teacher_lr or setup.lr,
-            optimizer=setup.optimizer,
-            warmup=setup.warmup,
-            clip=setup.clip,
-        )
-        seconds["teacher"] = seconds.get("teacher", 0) + time.perf_counter() - start
-        teacher.eval()
-        memoize_outputs(teacher)
-        teacher_name = f"teacher ({setup.teacher_factor:g}x wide)"
-        scores.setdefault(teacher_name, []).append(setup.evaluate(teacher.eval()))
-        n_stages = len(win.plan_stages(student0, teacher, setup.example, setup.stages))
-        for name, method in _methods(setup, teacher, n_stages, track).items():
-            torch.manual_seed(seed + 1)
-            start = time.perf_counter()
-            trained = method(copy.deepcopy(student0))
-            seconds[name] = seconds.get(name, 0) + time.perf_counter() - start
-            scores.setdefault(name, []).append(setup.evaluate(trained.eval()))
-        print(
-            f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in scores.items()), flush=True
-        )
-    return table(setup, scores, seconds, curves, len(seeds), metric)
+        trained = methods[name](copy.deepcopy(student0))
+        spent = time.perf_counter() - start
+        out[name] = (setup.evaluate(trained.eval()), spent, curves.get(name))
+        print(f"seed {seed}: {name} {out[name][0]:.4f} ({spent:.0f} s)", flush=True)
+    return out
 
 
 def _better(a: float, b: float, lower: bool) -> bool:
