@@ -47,9 +47,8 @@ class Setup:
     sampled_start: bool = True  # full WIN's start; False where the family has no sampling rule yet
     optimizer: str = "sgd"
     lower_is_better: bool = False  # the metric's direction (bits/char: lower)
-    recipe: dict = field(
-        default_factory=dict
-    )  # win.Recipe fields set beyond the library's defaults
+    # win.Recipe fields set beyond the library's defaults
+    recipe: dict = field(default_factory=dict)
     kd_lr: float | None = None  # KD from a random start (default: lr, like vanilla)
     eval_every: int = 0  # >0: evaluate every so many steps for "steps to vanilla's final metric"
     teacher_lr: float | None = None
@@ -240,11 +239,13 @@ def _teacher_task(seed: int, folder: str) -> dict[str, tuple[float, float, None]
     setup = _SETUP
     _, teacher = _models(setup, seed)
     lr = setup.teacher_lr or setup.lr
-    kept = (
-        setup.teachers and Path(setup.teachers) / f"teacher-{seed}-{setup.teacher_steps}-{lr:g}.pt"
+    kept = (  # a teacher trained by an earlier run (exploration only: --teachers)
+        Path(setup.teachers) / f"teacher-{seed}-{setup.teacher_steps}-{lr:g}.pt"
+        if setup.teachers
+        else None
     )
     start = time.perf_counter()
-    if kept and kept.exists():  # trained by an earlier run (exploration only: --teachers)
+    if kept is not None and kept.exists():
         teacher.load_state_dict(torch.load(kept, weights_only=True))
     else:
         win.train(
@@ -256,7 +257,7 @@ def _teacher_task(seed: int, folder: str) -> dict[str, tuple[float, float, None]
             warmup=setup.warmup,
             clip=setup.clip,
         )
-        if kept:
+        if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
             torch.save(teacher.state_dict(), kept)
     spent = time.perf_counter() - start
