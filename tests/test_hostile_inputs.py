@@ -323,3 +323,26 @@ def test_open_checkpoint_lists_every_input_it_reads(paired, tmp_path):
     plan.write_text(surgery.load(paired, trust_source=True).plan.to_json())
     with open_checkpoint(paired, plan=plan) as checkpoint:
         assert set(map(Path, checkpoint.inputs)) == {paired, plan}
+
+
+def test_a_shape_whose_element_count_overflows_int64_is_refused(capsys, paired, tmp_path):
+    """A zero-sized tensor whose other dims multiply past int64: torch could never hold it, so a
+    header claiming one is refused at reading (fold and load alike), not copied into an output."""
+    raw = paired.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    header["huge"] = {"dtype": "F32", "shape": [2**62, 4, 0], "data_offsets": [0, 0]}
+    text = json.dumps(header).encode()
+    crafted = tmp_path / "crafted.safetensors"
+    crafted.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+    _refused(
+        capsys,
+        tmp_path,
+        "more elements than int64",
+        "fold",
+        crafted,
+        "--out",
+        tmp_path / "t.safetensors",
+    )
+    with pytest.raises(CheckpointError, match="more elements than int64"):
+        load(crafted)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from surgery.errors import CheckpointError
-from surgery.files.tensorfile import DTYPES, tensor_bytes
+from surgery.files.tensorfile import DTYPES, check_shape, natural, tensor_bytes
 
 METADATA = ".metadata"
 _DCP = "torch.distributed.checkpoint"
@@ -81,36 +81,57 @@ class DcpFile:
             raise CheckpointError(
                 f"{root}: {METADATA} is not torch.distributed.checkpoint metadata"
             ) from None
+        if not all(type(k).__name__ == "MetadataIndex" for k in storage):
+            raise CheckpointError(
+                f"{root}: {METADATA}'s storage_data is not keyed by DCP chunk indexes (corrupted)"
+            )
         self.stored: set[str] = set()  # the .distcp files holding the tensors
-        where_of = {(key.fqn, tuple(key.offset)): info for key, info in storage.items()}
+        where_of: dict[tuple[str, tuple[int, ...]], Any] = {}
+        for key, info in storage.items():
+            fqn = getattr(key, "fqn", None)
+            index = (
+                fqn,
+                _ints(getattr(key, "offset", None), f"{root}: the storage index of {fqn!r}"),
+            )
+            if index in where_of:
+                raise CheckpointError(
+                    f"{root}: two storage records for one chunk of {key.fqn!r} (corrupted metadata)"
+                )
+            where_of[index] = info
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], Any]]] = {}
         for name, record in tensors.items():
-            if type(record).__name__ != "TensorStorageMetadata":
+            if not isinstance(name, str) or type(record).__name__ != "TensorStorageMetadata":
                 raise CheckpointError(
                     f"{root}: {name!r} is not a tensor (a paired model's state dict holds tensors only)"
                 )
-            dtype, shape = record.properties.dtype, tuple(int(n) for n in record.size)
+            dtype = getattr(getattr(record, "properties", None), "dtype", None)
             if dtype not in DTYPES.values():
                 raise CheckpointError(f"{root}: {name!r} has dtype {dtype}, not a tensor dtype")
+            shape = _ints(getattr(record, "size", None), f"{root}: the size of {name!r}")
+            check_shape(shape, dtype, f"{root}: {name!r}")
+            if not isinstance(getattr(record, "chunks", None), list):
+                raise CheckpointError(
+                    f"{root}: {name!r} has no list of chunks (corrupted metadata)"
+                )
             chunks = []
             for chunk in record.chunks:
-                where = where_of.get((name, tuple(chunk.offsets)))
+                what = f"{root}: a chunk of {name!r}"
+                offsets = _ints(getattr(chunk, "offsets", None), what + "'s offsets")
+                sizes = _ints(getattr(chunk, "sizes", None), what + "'s sizes")
+                if len(offsets) != len(shape) or len(sizes) != len(shape):
+                    raise CheckpointError(
+                        f"{what} has offsets {offsets} and sizes {sizes} for a tensor of rank "
+                        f"{len(shape)} (corrupted metadata)"
+                    )
+                where = where_of.get((name, offsets))
                 if where is None or getattr(where, "transform_descriptors", None):
                     raise CheckpointError(
                         f"{root}: a chunk of {name!r} has no plain storage record (incomplete or "
                         "transformed checkpoint)"
                     )
-                chunks.append((tuple(chunk.offsets), tuple(chunk.sizes), where))
-            covered = sum(math.prod(sizes) for _, sizes, _ in chunks)
-            if covered != math.prod(shape) or any(
-                o + s > n
-                for offsets, sizes, _ in chunks
-                for o, s, n in zip(offsets, sizes, shape, strict=True)
-            ):
-                raise CheckpointError(
-                    f"{root}: the chunks of {name!r} do not tile its shape {shape} (incomplete checkpoint)"
-                )
+                chunks.append((offsets, sizes, where))
+            _check_tiling(name, shape, [(o, s) for o, s, _ in chunks], root)
             for _, _, where in chunks:
                 self._check_storage(name, where)
             self.entries[name] = (dtype, shape)
@@ -118,8 +139,17 @@ class DcpFile:
             self._chunks[name] = chunks
 
     def _check_storage(self, name: str, where: Any) -> None:
-        relative = str(where.relative_path)
-        if Path(relative).name != relative or relative in ("", ".", ".."):
+        relative = getattr(where, "relative_path", None)
+        offset, length = getattr(where, "offset", None), getattr(where, "length", None)
+        if not isinstance(relative, (str, os.PathLike)) or not all(
+            natural(n) for n in (offset, length)
+        ):
+            raise CheckpointError(
+                f"{self.root}: the storage record of {name!r} is not a file, offset and length "
+                "(corrupted metadata)"
+            )
+        relative = str(relative)
+        if Path(relative).name != relative or relative in ("", ".", "..") or "\x00" in relative:
             raise CheckpointError(
                 f"{self.root}: {name!r} is stored in {relative!r}, not a file in it"
             )
@@ -137,7 +167,7 @@ class DcpFile:
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape = self.entries[name]
-        out = torch.empty(shape, dtype=dtype)
+        out = torch.zeros(shape, dtype=dtype)  # the chunks tile it exactly (checked at opening)
         for offsets, sizes, where in self._chunks[name]:
             fd = os.open(self.root / str(where.relative_path), os.O_RDONLY)
             try:
@@ -164,3 +194,38 @@ class DcpFile:
 
     def close(self) -> None:
         pass
+
+
+def _ints(values: object, what: str) -> tuple[int, ...]:
+    """A record's offsets or sizes: a sequence of non-negative Python ints, else refused."""
+    if not isinstance(values, (tuple, list, torch.Size)) or not all(map(natural, values)):
+        raise CheckpointError(f"{what} is {values!r}, not a list of non-negative integers")
+    return tuple(values)
+
+
+def _check_tiling(
+    name: str, shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]], root
+) -> None:
+    """The chunks cover every element of the tensor exactly once: each inside the shape, no two
+    overlapping, and their volumes adding up to the tensor's."""
+    problem = None
+    if any(
+        o + s > n for offsets, sizes in boxes for o, s, n in zip(offsets, sizes, shape, strict=True)
+    ):
+        problem = "a chunk reaches past the tensor's end"
+    elif sum(math.prod(s) for _, s in boxes) != math.prod(shape):
+        problem = "their sizes do not add up to the tensor's"
+    else:
+        solid = [b for b in boxes if math.prod(b[1])]
+        for i, (oa, sa) in enumerate(solid):
+            for ob, sb in solid[i + 1 :]:
+                if all(a < b + m and b < a + n for a, n, b, m in zip(oa, sa, ob, sb, strict=True)):
+                    problem = f"chunks at offsets {oa} and {ob} overlap"
+                    break
+            if problem:
+                break
+    if problem:
+        raise CheckpointError(
+            f"{root}: the chunks of {name!r} do not tile its shape {shape}: {problem} "
+            "(incomplete or corrupted checkpoint)"
+        )

@@ -183,11 +183,12 @@ def _entry(name: str, spec: object, path: str, data_start: int) -> Entry:
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     if dtype not in DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(_natural(n) for n in shape):
+    if not isinstance(shape, list) or not all(natural(n) for n in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_natural, offsets))):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(natural, offsets))):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
     begin, end = offsets
+    check_shape(shape, DTYPES[dtype], where)
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != expected:
         raise CheckpointError(
@@ -197,8 +198,23 @@ def _entry(name: str, spec: object, path: str, data_start: int) -> Entry:
     return Entry(name, dtype, tuple(shape), data_start + begin, expected)
 
 
-def _natural(value: object) -> bool:
+def natural(value: object) -> bool:
+    """A non-negative Python int (not a bool, not a float)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_shape(shape: Sequence[int], dtype: torch.dtype, where: str) -> None:
+    """Refuse a shape whose element count or byte size does not fit in int64 (torch could not
+    hold such a tensor, so a file claiming one is corrupted)."""
+    numel = math.prod(shape)
+    largest = math.prod(n for n in shape if n) if shape else 1
+    if largest > INT64_MAX or numel * dtype.itemsize > INT64_MAX:
+        raise CheckpointError(
+            f"{where}: shape {list(shape)} holds more elements than int64 can count (corrupted)"
+        )
 
 
 @dataclass(frozen=True)
