@@ -23,7 +23,8 @@ from torch import nn
 
 from surgery import win
 from surgery.report import render_table
-from surgery.win.loop import finetune_options, recipe_start
+from surgery.win.loop import finetune_options
+from surgery.win.start import recipe_start
 
 Evaluate = Callable[[nn.Module], float]
 

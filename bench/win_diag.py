@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from win_vision import DeepThinCNN, make_data  # noqa: E402
 
 from surgery import win  # noqa: E402
-from surgery.win.loop import calibration  # noqa: E402
+from surgery.win.start import calibration  # noqa: E402
 
 CACHE = Path(os.environ.get("WIN_DIAG_CACHE", "/tmp/win_diag"))
 N_TRAIN, N_TEST, BATCH = 16384, 4096, 128

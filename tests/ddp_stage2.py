@@ -12,7 +12,7 @@ import torch.distributed as dist
 from win_models import DeepThin, synthetic_batches
 
 from surgery import win
-from surgery.win.loop import recipe_start
+from surgery.win.start import recipe_start
 
 
 def main(out: str) -> None:

@@ -170,9 +170,19 @@ def test_gpt2_packed_qkv_takes_the_same_heads_from_each_part():
         )
 
 
-def test_a_student_narrower_than_a_head_is_refused():
-    with pytest.raises(Exception, match="heads of"):
-        win.sample_from_teacher(llama(32, 8, 4), llama(64, 8, 4), (TOKENS,))
+def test_narrower_heads_take_dims_within_each_head_with_their_rotary_partners():
+    """Equal head counts, heads half as wide: every head is kept and takes the same dims within
+    it; rotary embedding rotates dim i with dim i + hd/2, so those stay pairs."""
+    teacher = _indexed(llama(64, 8, 4))  # heads of 8
+    student = llama(32, 8, 4).double()  # heads of 4
+    win.sample_from_teacher(student, teacher, (TOKENS,), select="random")
+    for layer in student.model.layers:
+        for name in ("q_proj", "k_proj"):
+            rows = _rows(getattr(layer.self_attn, name).weight).view(-1, 4)
+            assert torch.equal(rows[:, 0] // 8, torch.arange(rows.shape[0]))  # every head, once
+            within = rows % 8
+            assert (within == within[:1]).all()  # the same dims in every head
+            assert torch.equal(within[0, 2:], within[0, :2] + 4)  # rotary partners together
 
 
 @pytest.mark.parametrize("family", FAMILIES)

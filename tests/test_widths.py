@@ -78,7 +78,7 @@ def test_depthwise_layer_norm_and_flatten_follow_their_group():
     assert wide[7].normalized_shape == (48,) and wide[9].out_features == 3
 
 
-def test_frozen_groups_say_why_and_resize_checks_the_forward():
+def test_concatenated_features_widen_and_frozen_groups_say_why():
     class Cat(nn.Module):
         def __init__(self):
             super().__init__()
@@ -87,10 +87,24 @@ def test_frozen_groups_say_why_and_resize_checks_the_forward():
         def forward(self, x):
             return self.c(torch.cat([self.a(x), self.b(x)], -1))
 
-    table = width_groups(Cat(), (torch.randn(2, 4),))
-    assert "not resizable" in table["a"].frozen and table.free == []
+    x = torch.randn(2, 4)
+    table = width_groups(Cat(), (x,))
+    assert [g.name for g in table.free] == ["a", "b"]  # a concatenation's parts change apart
+    wide = widen(Cat(), 2, (x,))
+    assert (wide.a.out_features, wide.b.out_features, wide.c.in_features) == (12, 12, 24)
+
+    class Ordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.cumsum(self.a(x), -1))
+
+    table = width_groups(Ordered(), (x,))
+    assert "taken in order by cumsum" in table["a"].frozen and table.free == []
     with pytest.raises(PlanError, match="cannot change"):
-        resize(Cat(), {"a": 8}, (torch.randn(2, 4),))
+        resize(Ordered(), {"a": 8}, (x,))
 
     class HardCoded(nn.Module):
         def __init__(self):

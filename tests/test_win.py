@@ -148,10 +148,12 @@ def test_sampled_start_copies_scaled_teacher_neurons(trained_teacher):
 
 def test_teacher_builders():
     resnet = torchvision.models.resnet50(num_classes=10)
-    wide = win.widen(resnet, 2.0)
+    x = torch.randn(2, 3, 32, 32)
+    wide = win.widen(resnet, 2.0, x, residual=False)
     assert (
         wide.layer1[0].conv2.out_channels == 128 and wide.layer1[0].conv3.out_channels == 256
-    )  # paper: 3x3 convs
+    )  # the paper's ResNet teacher: its 3x3 convs widened, its block outputs kept
+    assert win.widen(resnet, 2.0, x).layer1[0].conv3.out_channels == 512  # every free width
     mlp = nn.Sequential(
         nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 3)
     )
@@ -285,16 +287,16 @@ def test_sample_scale_options_and_refit(trained_teacher):
     assert torch.equal(fan_in.stem.weight, plain.stem.weight)  # the model's input: never scaled
     with pytest.raises(surgery.PlanError):
         win.sample_from_teacher(DeepThin(), trained_teacher, X, scale="bogus")
-    # refit: each layer reproduces the teacher's sampled channels better than the plain copy
+    # refit (in eval mode, as the models run after training): each layer reproduces the teacher's
+    # sampled channels better than the plain copy
     calibration = torch.cat([b[0] for b in synthetic_batches()])
     refit = win.sample_from_teacher(
         DeepThin(), trained_teacher, X, generator=g(), scale="none", refit=calibration
     )
     with torch.no_grad():
-        logits = trained_teacher.train()(calibration)
-        trained_teacher.eval()
+        logits = trained_teacher.eval()(calibration)
         errors = [
-            nn.functional.mse_loss(m.train()(calibration), logits).item() for m in (plain, refit)
+            nn.functional.mse_loss(m.eval()(calibration), logits).item() for m in (plain, refit)
         ]
     assert errors[1] < errors[0]
 

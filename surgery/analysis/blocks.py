@@ -14,7 +14,8 @@ from typing import Any
 import networkx as nx
 
 from surgery.analysis.routes import find_route
-from surgery.ir.graph import CHANNELS_FIRST, Dataflow, Layout, Op
+from surgery.analysis.spaces import feature_axes
+from surgery.ir.graph import Dataflow, Layout, Op
 from surgery.plan import Placement, Route
 from surgery.report import render_table
 from surgery.rewrites import channel_ops
@@ -147,7 +148,7 @@ class BlockTable(list):
 def analyse(flow: Dataflow, *, bias: bool = False, inside_blocks: bool = False) -> BlockTable:
     """Boundaries of a captured model (see find_blocks)."""
     ctx = RuleContext(flow, bias)
-    axes = feature_axes(flow, ctx.users)
+    axes = feature_axes(flow)
     groups = [
         g for g in _boundary_groups(flow, axes) if _ends_a_block_or_is_top_level(flow, g, ctx.users)
     ]
@@ -257,33 +258,6 @@ def cut_tensors(flow: Dataflow) -> list[str]:
         chain.append(node)
         node = idom[node]
     return [n for n in reversed(chain) if n not in flow.outputs]
-
-
-def feature_axes(flow: Dataflow, users: dict[str, list[str]]) -> dict[str, int]:
-    """The feature axis of every tensor: 1 in conv land (N, C, ...), else the last axis."""
-    axes: dict[str, int] = {}
-    for op in flow.ops.values():
-        rank = len(op.shape or ())
-        if op.kind == "input":
-            reads_conv = any(flow.ops[u].kind in CHANNELS_FIRST for u in users[op.name])
-            axes[op.name] = 1 if reads_conv and rank >= 2 else max(rank - 1, 0)
-        elif op.kind in CHANNELS_FIRST:
-            axes[op.name] = 1 if rank >= 2 else 0
-        elif op.inputs and op.kind not in ("linear", "embedding", "norm", "attention", "matmul"):
-            src = flow.ops[op.inputs[0]]
-            axes[op.name] = _follow(op, src, axes.get(src.name, 0), rank)
-        else:
-            axes[op.name] = max(rank - 1, 0)
-    return axes
-
-
-def _follow(op: Op, src: Op, axis: int, rank: int) -> int:
-    if not src.shape or axis >= len(src.shape):
-        return max(rank - 1, 0)
-    if op.kind == "transparent":
-        moved = channel_ops.propagate(op, Layout(axis, src.shape[axis]), src.shape)
-        return moved.axis if isinstance(moved, Layout) else max(rank - 1, 0)
-    return axis if rank == len(src.shape) else max(rank - 1, 0)
 
 
 def _boundary_groups(flow: Dataflow, axes: dict[str, int]) -> list[list[str]]:
@@ -398,8 +372,8 @@ def _probe(
                 return p
     group = [head.name]
     for scope in _ended_scopes(flow, group, users):
-        if flow.module_calls.get(scope, 1) != 1:
-            continue
+        if flow.module_calls.get(scope, 1) != 1 or not flow.returns_tensor.get(scope, True):
+            continue  # a hook there would read a tuple or a ModelOutput, not h
         inside = [o for o in flow.ops.values() if scope in o.scope]
         escaping = {
             o.name
@@ -408,7 +382,11 @@ def _probe(
         }
         if escaping == {head.name}:
             return Placement(scope, "output", layout.axis)
-    if head.module and flow.module_calls.get(head.module, 1) == 1:
+    if (
+        head.module
+        and flow.module_calls.get(head.module, 1) == 1
+        and flow.returns_tensor.get(head.module, True)
+    ):
         return Placement(head.module, "output", layout.axis)
     for u in users[head.name]:
         user = flow.ops[u]

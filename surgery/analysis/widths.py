@@ -1,75 +1,122 @@
-"""Width groups: which layer dimensions must change together, and rebuilding a model at new widths.
+"""Width groups: the index spaces of a model whose widths can change, and what changing them costs.
 
-A *width group* is a set of feature dimensions that are one and the same index space: the output
-channels of a Linear/Conv, the channels of the BatchNorm/LayerNorm/depthwise conv after it, the input
-dim of every Linear/Conv that reads it (a Flatten in between multiplies the input dim by the spatial
-size), and — through residual adds and broadcast multiplies — the other producers summed into it (a
-ResNet stage is one group). The groups come from the captured dataflow (surgery.ir.capture), so any
-model fx or torch.export can capture works; a group whose width cannot change says why (it is the
-model output, read by an op that is not understood, concatenated, ...).
+A *width group* is one unstructured index space of `surgery.analysis.spaces` that a parameter dim
+carries (alone, or inside a product or concatenation): a Linear/Conv's output channels together
+with every norm, reader and residual add that shares them (a ResNet stage is one group), an MLP's
+hidden units, an attention's heads, the dims within its heads. A group that cannot change says why
+(a model input or output, a vocabulary, GroupNorm's groups, an op the analysis does not follow).
 
-`resize` rebuilds a copy of the model with new widths (the same module classes, fresh PyTorch
-initialisation by default); `widen` multiplies every free group by a factor. These are the width
-transforms the 003 experiments need (wide dense, wide sparse, non-linear bottleneck).
+`WidthTable.parameters(widths)` counts parameters at any widths without building anything;
+`WidthTable.scaled(factor)` chooses the new width of every group so that every free width of the
+model (each parameter dim that can change: a residual stream, a hidden layer, an attention's q/k/v)
+becomes exactly `factor` times as wide: of a heads x head-dims space it scales the heads (the
+outermost factor that can change), or the dims within heads where the heads cannot.
+`surgery.runtime.resize` rebuilds the model at the chosen widths.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from surgery.analysis.unionfind import DisjointSets
+from surgery.analysis.spaces import CAT, OUTPUT, PROD, IndexSpaces
 from surgery.errors import PlanError
-from surgery.ir.capture import _eval_mode, as_example_inputs, capture
-from surgery.ir.graph import Dataflow, Layout
+from surgery.ir.capture import as_example_inputs, capture
 from surgery.report import render_table
-from surgery.rewrites import channel_ops
 
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LAYERS = ("linear", "conv", "conv_transpose", "embedding")
 
 
 @dataclass
 class WidthGroup:
-    """One index space of features whose width changes as a whole."""
+    """One index space whose width changes as a whole."""
 
-    name: str  # the first module that produces it
+    name: str  # the first module that produces it, with the place inside its output if a part
     width: int
-    producers: list[str] = field(default_factory=list)  # Linear/Conv writing it (output dim)
-    readers: list[str] = field(default_factory=list)  # Linear/Conv reading it (input dim)
-    tied: list[str] = field(default_factory=list)  # BatchNorm / LayerNorm / depthwise conv
-    residual: bool = False  # joined by an add: a residual stream
+    space: int  # the leaf space (surgery.analysis.spaces)
+    producers: list[str] = field(default_factory=list)  # layers writing it (output dim)
+    readers: list[str] = field(default_factory=list)  # layers reading it (input dim)
+    tied: list[str] = field(default_factory=list)  # norms and other per-feature parameters
+    residual: bool = False  # summed with another activation: a residual stream
     frozen: str | None = None  # why the width cannot change (None: it can)
 
 
-@dataclass
-class _Spec:
-    """How one module's constructor dims follow the groups."""
-
-    module: str
-    kind: str  # "linear", "conv", "depthwise", "batch_norm", "layer_norm"
-    in_group: int | None = None
-    in_mult: int = 1  # in_features = in_mult * width (a Flatten before a Linear)
-    out_group: int | None = None
-
-
 class WidthTable:
-    """The width groups of a model (from `width_groups`): printable, and the input of `resize`."""
+    """The width groups of a model (from `width_groups`): printable, the input of `resize`."""
 
-    def __init__(self, model: nn.Module, groups: list[WidthGroup], specs: dict[str, _Spec]):
+    def __init__(self, model: nn.Module, spaces: IndexSpaces) -> None:
         self.model_class = type(model).__name__
-        self.groups = groups
-        self._by_name = {g.name: i for i, g in enumerate(groups)}
-        self._specs = specs
-        self._modules = dict(model.named_modules())
-        self._total = sum(p.numel() for p in model.parameters())
+        self.spaces = spaces
+        self.flow = spaces.flow
+        params = dict(model.named_parameters())
+        self._params = {n: tuple(p.shape) for n, p in params.items()}  # unique tensors only
+        self.groups = self._groups()
+        self._by_name = {g.name: i for i, g in enumerate(self.groups)}
+        self._by_space = {g.space: g for g in self.groups}
 
+    # ---- the groups ----
+    def _groups(self) -> list[WidthGroup]:
+        s = self.spaces
+        found: dict[int, WidthGroup] = {}
+        for op in self.flow.ops.values():  # in forward order: producers name their groups
+            axis = s.feature_axis(op.name) if op.kind in _LAYERS and op.module else None
+            if axis is not None:
+                self._name_leaves(s.axes[op.name][axis], op.module, found)
+        for name in self.flow.param_shapes:
+            for d, space in enumerate(s.dims.get(name, ())):
+                self._name_leaves(space, f"{name}:{d}", found)
+        for op in self.flow.ops.values():
+            self._roles(op, found)
+        return list(found.values())
+
+    def _name_leaves(self, space: int, base: str, found: dict[int, WidthGroup]) -> None:
+        s = self.spaces
+        for leaf, path in _paths(s, space):
+            if leaf in found or s.width(leaf) <= 1:
+                continue
+            taken = {g.name for g in found.values()}
+            name = base + path
+            if name in taken:
+                name = f"{name}#{leaf}"
+            found[leaf] = WidthGroup(
+                name=name,
+                width=s.width(leaf),
+                space=leaf,
+                residual=s.residual(leaf),
+                frozen=s.space(leaf).frozen,
+            )
+
+    def _roles(self, op: Any, found: dict[int, WidthGroup]) -> None:
+        if not op.module or not op.params:
+            return
+        s = self.spaces
+        outs: set[int] = set()
+        ins: set[int] = set()
+        axis = s.feature_axis(op.name)
+        if op.kind in _LAYERS and axis is not None:
+            outs = set(s.leaves(s.axes[op.name][axis]))
+            if op.inputs and op.inputs[0] in s.axes and op.kind != "embedding":
+                x = s.axes[op.inputs[0]]
+                ins = set(s.leaves(x[1] if op.kind.startswith("conv") else x[-1]))
+        carried = {
+            leaf
+            for name in op.params.values()
+            for d in s.dims.get(name, ())
+            for leaf in s.leaves(d)
+        }
+        for leaf in carried:
+            group = found.get(leaf)
+            if group is None:
+                continue
+            role = group.producers if leaf in outs else group.readers if leaf in ins else group.tied
+            if op.module not in role:
+                role.append(op.module)
+
+    # ---- lookups ----
     def __getitem__(self, name: str) -> WidthGroup:
         return self.groups[self._index(name)]
 
@@ -87,70 +134,104 @@ class WidthTable:
         """group name -> current width."""
         return {g.name: g.width for g in self.groups}
 
-    def layers(self) -> list[tuple[str, str, str | None, int, str | None]]:
-        """(module, kind, input group, input multiplier, output group) of every resizable layer;
-        a group is None where that dim is not tied to a group (it keeps its size)."""
-        name = [g.name for g in self.groups]
-        return [
-            (
-                spec.module,
-                spec.kind,
-                None if spec.in_group is None else name[spec.in_group],
-                spec.in_mult,
-                None if spec.out_group is None else name[spec.out_group],
-            )
-            for spec in self._specs.values()
-        ]
-
-    def _dims(self, spec: _Spec, widths: list[int]) -> dict[str, int]:
-        m = self._modules[spec.module]
-        if spec.kind == "linear":
-            return {
-                "in": m.in_features
-                if spec.in_group is None
-                else spec.in_mult * widths[spec.in_group],
-                "out": widths[spec.out_group],
-            }
-        if spec.kind == "conv":
-            return {
-                "in": m.in_channels if spec.in_group is None else widths[spec.in_group],
-                "out": widths[spec.out_group],
-            }
-        return {"n": widths[spec.in_group]}
-
-    def _full(self, widths: Mapping[str, int]) -> list[int]:
-        out = [g.width for g in self.groups]
-        for name, width in widths.items():
-            i = self._index(name)
-            if width != out[i] and self.groups[i].frozen:
-                raise PlanError(f"width group {name!r} cannot change: {self.groups[i].frozen}")
-            if not isinstance(width, int) or width < 1:
+    def leaf_widths(self, widths: Mapping[str, int] | None = None) -> dict[int, int]:
+        """Leaf space -> width, with `widths` (group name -> width) applied (checked)."""
+        out = {g.space: g.width for g in self.groups}
+        for name, width in (widths or {}).items():
+            group = self[name]
+            if not isinstance(width, int) or isinstance(width, bool) or width < 1:
                 raise PlanError(f"width of {name!r} must be a positive int, got {width!r}")
-            out[i] = width
+            if width != group.width and group.frozen:
+                raise PlanError(f"width group {name!r} cannot change: {group.frozen}")
+            out[group.space] = width
+        return out
+
+    def width_of(self, space: int, leaves: Mapping[int, int]) -> int:
+        """The width of any space (a product or concatenation of groups) at leaf widths `leaves`."""
+        s = self.spaces
+        found = s.structure(space)
+        if found is None:
+            return leaves.get(s.find(space), s.width(space))
+        widths = [self.width_of(m, leaves) for m in found[1]]
+        return math.prod(widths) if found[0] == PROD else sum(widths)
+
+    def shapes(self, leaves: Mapping[int, int]) -> dict[str, tuple[int, ...]]:
+        """Every parameter and buffer's shape at leaf widths `leaves` (untraced ones unchanged)."""
+        out = {}
+        for name, shape in self.flow.param_shapes.items():
+            dims = self.spaces.dims.get(name)
+            out[name] = tuple(self.width_of(d, leaves) for d in dims) if dims is not None else shape
         return out
 
     def parameters(self, widths: Mapping[str, int] | None = None) -> int:
         """The model's parameter count at `widths` (default: as it is), without building it."""
-        full = self._full(widths or {})
-        total = self._total
-        for spec in self._specs.values():
-            m = self._modules[spec.module]
-            total += _count(m, spec.kind, self._dims(spec, full)) - sum(
-                p.numel() for p in m.parameters(recurse=False)
-            )
-        return total
+        shapes = self.shapes(self.leaf_widths(widths))
+        return sum(math.prod(shapes[name]) for name in self._params)
 
+    # ---- the factor policy ----
+    def scaled(
+        self, factor: float, *, residual: bool = True, inner: bool = False, outputs: bool = False
+    ) -> dict[int, int]:
+        """Leaf widths that make every free width exactly `factor` times as wide (rounded, >= 1):
+        in each parameter dim's space, in forward order, the outermost factor that can change
+        scales (the heads of heads x head dims; `inner`: the innermost, the dims within heads);
+        `residual=False` keeps residual streams at their width; `outputs=True` scales the widths
+        frozen only because the model returns them (a headless encoder's pooled features, which a
+        Hugging Face config sizes with the hidden size). PlanError when no choice of
+        factors gives every space the factor (the spaces that conflict are named)."""
+        s = self.spaces
+        scale: dict[int, bool] = {}
+        conflicts: list[str] = []
+
+        def changeable(leaf: int) -> bool:
+            group = self._by_space.get(leaf)
+            if group is None or not (residual or not group.residual):
+                return False
+            return group.frozen is None or (outputs and group.frozen == OUTPUT)
+
+        def scaled_atom(atom: int) -> bool:
+            leaves = [leaf for leaf in s.leaves(atom) if changeable(leaf)]
+            return bool(leaves) and all(scale.get(leaf) for leaf in leaves)
+
+        units = [
+            u for name in self.flow.param_shapes for d in s.dims.get(name, ()) for u in _units(s, d)
+        ]
+        for unit in units:
+            free = [a for a in unit if any(changeable(leaf) for leaf in s.leaves(a))]
+            if not free:
+                continue
+            done = [a for a in unit if scaled_atom(a)]
+            if not done:
+                pick = free[-1] if inner else free[0]
+                for leaf in s.leaves(pick):
+                    if changeable(leaf):
+                        scale[leaf] = True
+            elif len(done) > 1:
+                conflicts.append(" x ".join(str(s.width(a)) for a in unit))
+        leaves = {
+            g.space: max(1, round(g.width * factor)) if scale.get(g.space) else g.width
+            for g in self.groups
+        }
+        if conflicts:
+            raise PlanError(
+                f"no choice of widths scales every free width of {self.model_class} by {factor}: "
+                f"spaces {', '.join(conflicts[:3])} share factors that scale twice"
+            )
+        return leaves
+
+    # ---- printing ----
     def rows(self, widths: Mapping[str, int] | None = None) -> list[list[Any]]:
         """The table's rows: group, width (-> new width), role, layers, why it is fixed."""
-        full = self._full(widths or {})
+        leaves = self.leaf_widths(widths)
         rows = []
-        for i, g in enumerate(self.groups):
-            layers = g.producers + [f"~{t}" for t in g.tied]
+        for g in self.groups:
+            new = leaves[g.space]
+            layers = g.producers + g.readers + [f"~{t}" for t in g.tied]
             shown = ", ".join(layers[:4]) + (f" +{len(layers) - 4}" if len(layers) > 4 else "")
             rows.append(
                 [
                     g.name,
-                    g.width if full[i] == g.width else f"{g.width} -> {full[i]}",
+                    g.width if new == g.width else f"{g.width} -> {new}",
                     "residual" if g.residual else "hidden",
                     shown,
                     g.frozen or "free",
@@ -173,237 +254,33 @@ class WidthTable:
         return self.table()
 
 
-def _count(module: nn.Module, kind: str, dims: dict[str, int]) -> int:
-    """Parameter count of `module` rebuilt with `dims`."""
-    bias = getattr(module, "bias", None) is not None
-    if kind in ("linear", "conv"):
-        k = math.prod(module.kernel_size) if kind == "conv" else 1
-        return dims["out"] * dims["in"] * k + (dims["out"] if bias else 0)
-    n = dims["n"]
-    if kind == "depthwise":  # in = out = groups = n: weight [n, 1, *k]
-        return n * math.prod(module.kernel_size) + (n if bias else 0)
-    per_channel = sum(p.numel() for p in module.parameters(recurse=False))
-    per_channel //= module.num_features if kind == "batch_norm" else module.normalized_shape[0]
-    return per_channel * n
+def _paths(s: IndexSpaces, space: int, path: str = "") -> list[tuple[int, str]]:
+    """(leaf, where it sits in `space`: '' or '/part0/factor1' ...) for every leaf of `space`."""
+    found = s.structure(space)
+    if found is None:
+        return [(s.find(space), path)]
+    tag = "part" if found[0] == CAT else "factor"
+    out = []
+    for i, m in enumerate(found[1]):
+        out.extend(_paths(s, m, f"{path}/{tag}{i}"))
+    return out
 
 
-class _Groups(DisjointSets):
-    """Union-find over width groups, with what each group holds."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.info: list[WidthGroup] = []
-
-    def new(self, name: str, width: int) -> int:
-        self.info.append(WidthGroup(name=name, width=width))
-        return self.add()
-
-    def union(self, a: int, b: int) -> int:
-        keep, gone = self.join(a, b)
-        if gone is None:
-            return keep
-        ka, kb = self.info[keep], self.info[gone]
-        ka.producers += kb.producers
-        ka.readers += kb.readers
-        ka.tied += kb.tied
-        ka.residual = ka.residual or kb.residual
-        ka.frozen = ka.frozen or kb.frozen
-        return keep
-
-    def freeze(self, g: int, why: str) -> None:
-        info = self.info[self.find(g)]
-        info.frozen = info.frozen or why
+def _units(s: IndexSpaces, space: int) -> list[list[int]]:
+    """The spaces inside `space` that must each scale by the factor: each part of a concatenation
+    (recursively), a product as a whole (its atoms listed)."""
+    found = s.structure(space)
+    if found is None:
+        return [[s.find(space)]]
+    if found[0] == CAT:
+        return [u for m in found[1] for u in _units(s, m)]
+    return [s.atoms(space)]  # a product scales as a whole, whatever its factors are made of
 
 
 def width_groups(model: nn.Module, example_inputs: Any = None) -> WidthTable:
     """The width groups of `model` on `example_inputs` (see the module docstring)."""
-    flow = capture(model, example_inputs)
-    modules = dict(model.named_modules())
-    groups, specs = _analyse(flow, modules)
-    roots = groups.roots()
-    index = {r: i for i, r in enumerate(roots)}
-    out = [groups.info[r] for r in roots]
-    for spec in specs.values():
-        for attr in ("in_group", "out_group"):
-            g = getattr(spec, attr)
-            if g is not None:
-                setattr(spec, attr, index[groups.find(g)])
-    return WidthTable(model, out, specs)
-
-
-def _analyse(flow: Dataflow, modules: dict[str, nn.Module]) -> tuple[_Groups, dict[str, _Spec]]:
-    groups = _Groups()
-    specs: dict[str, _Spec] = {}
-    lay: dict[str, tuple[int, Layout] | None] = {}
-
-    def freeze_inputs(op_inputs: list[str], why: str) -> None:
-        for name in op_inputs:
-            if lay.get(name) is not None:
-                groups.freeze(lay[name][0], why)
-
-    for op in flow.ops.values():
-        ins = [lay.get(i) for i in op.inputs]
-        src = ins[0] if ins else None
-        in_shape = flow.ops[op.inputs[0]].shape if op.inputs else None
-        module = modules.get(op.module) if op.module is not None else None
-        lay[op.name] = None
-        if op.kind == "input" or op.shape is None:
-            continue
-        what = f"{op.op} ({op.module or op.name})"
-        if op.kind in ("linear", "conv"):
-            _layer(op, module, src, groups, specs, lay, freeze_inputs, what)
-        elif op.kind in ("batch_norm", "norm"):
-            ok = src is not None and src[1].outer == src[1].inner == 1
-            if op.kind == "batch_norm" and type(module) in BATCHNORMS and ok and src[1].axis == 1:
-                kind = "batch_norm"
-            elif (
-                op.kind == "norm"
-                and type(module) is nn.LayerNorm
-                and len(module.normalized_shape) == 1
-                and ok
-                and src[1].axis == len(op.shape) - 1
-            ):
-                kind = "layer_norm"
-            else:
-                freeze_inputs(op.inputs, f"normalised by {what}, which cannot be resized")
-                continue
-            _tie(op.module, kind, src[0], groups, specs)
-            lay[op.name] = src
-        elif op.kind in ("nonlinear", "max_pool") and src is not None:
-            same = op.kind == "nonlinear" and tuple(op.shape) == tuple(in_shape or ())
-            spatial = op.kind == "max_pool" and src[1].axis == 1 and op.shape[1] == in_shape[1]
-            if same or spatial:
-                lay[op.name] = src
-            else:
-                freeze_inputs(op.inputs, f"{what} changes the feature layout")
-        elif op.kind == "transparent" and src is not None:
-            moved = channel_ops.propagate(op, src[1], in_shape)
-            if isinstance(moved, Layout):
-                lay[op.name] = (src[0], moved)
-            else:
-                groups.freeze(src[0], moved)
-        elif op.kind in ("add", "mul") and len(ins) >= 2 and all(i is not None for i in ins):
-            first = ins[0][1]
-            if all(i[1] == first for i in ins):
-                g = ins[0][0]
-                for other in ins[1:]:
-                    g = groups.union(g, other[0])
-                if op.kind == "add":
-                    groups.info[groups.find(g)].residual = True
-                lay[op.name] = (g, first)
-            else:
-                freeze_inputs(op.inputs, f"{what} combines features laid out differently")
-        else:
-            freeze_inputs(op.inputs, f"read by {what}, which is not resizable")
-    for name in flow.outputs:
-        if lay.get(name) is not None:
-            groups.freeze(lay[name][0], "a model output")
-    return groups, specs
-
-
-def _tie(module: str, kind: str, g: int, groups: _Groups, specs: dict[str, _Spec]) -> None:
-    old = specs.get(module)
-    if old is not None:
-        groups.union(old.in_group, g)
-        return
-    specs[module] = _Spec(module, kind, in_group=g)
-    groups.info[groups.find(g)].tied.append(module)
-
-
-def _layer(op, module, src, groups, specs, lay, freeze_inputs, what) -> None:
-    """A Linear or Conv op: a new output group (or the module's from an earlier call), and its
-    input dim tied to the input's group."""
-    rank = len(op.shape)
-    if op.kind == "linear":
-        ok_type = type(module) is nn.Linear
-        axis, width = rank - 1, getattr(module, "out_features", 0)
-    else:
-        ok_type = type(module) in CONVS and module.groups == 1
-        axis, width = 1, getattr(module, "out_channels", 0)
-        if type(module) in CONVS and module.groups > 1:
-            depthwise = module.groups == module.in_channels == module.out_channels
-            if depthwise and src is not None and src[1].axis == 1 and src[1].outer == 1:
-                _tie(op.module, "depthwise", src[0], groups, specs)
-                lay[op.name] = src
-                return
-    if not ok_type:
-        freeze_inputs(op.inputs, f"read by {what}, which cannot be resized")
-        return
-    spec = specs.get(op.module)
-    if spec is None:
-        out = groups.new(op.module, width)
-        groups.info[out].producers.append(op.module)
-        spec = specs[op.module] = _Spec(op.module, op.kind, out_group=out)
-        first_call = True
-    else:
-        first_call = False
-    if src is not None:
-        g, layout = src
-        mult = layout.outer * layout.inner
-        fits = layout.axis == (rank - 1 if op.kind == "linear" else 1) and (
-            op.kind == "linear" or mult == 1
-        )
-        if fits and first_call:
-            spec.in_group, spec.in_mult = g, mult
-            groups.info[groups.find(g)].readers.append(op.module)
-        elif fits and spec.in_group is not None and spec.in_mult == mult:
-            groups.union(spec.in_group, g)
-        else:
-            groups.freeze(g, f"read by {what} on a dim it cannot resize")
-            if spec.in_group is not None:
-                groups.freeze(spec.in_group, f"{what} is called on inputs of different layouts")
-                spec.in_group = None
-    elif spec.in_group is not None:
-        groups.freeze(spec.in_group, f"{what} is also called on a fixed-width input")
-        spec.in_group = None
-    lay[op.name] = (spec.out_group, Layout(axis=axis, d=width))
-
-
-def _build(module: nn.Module, kind: str, dims: dict[str, int]) -> nn.Module:
-    """A fresh module of the same class with new dims (PyTorch's default initialisation)."""
-    p = next(module.parameters(), None)
-    kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
-    if kind == "linear":
-        return nn.Linear(dims["in"], dims["out"], bias=module.bias is not None, **kw)
-    if kind in ("conv", "depthwise"):
-        depthwise = kind == "depthwise"
-        n_in, n_out = (dims["n"], dims["n"]) if depthwise else (dims["in"], dims["out"])
-        return type(module)(
-            n_in,
-            n_out,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=dims["n"] if depthwise else 1,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            **kw,
-        )
-    if kind == "batch_norm":
-        return type(module)(
-            dims["n"],
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-            **kw,
-        )
-    return nn.LayerNorm(
-        dims["n"],
-        eps=module.eps,
-        elementwise_affine=module.elementwise_affine,
-        bias=module.bias is not None,
-        **kw,
-    )
-
-
-def _reset(model: nn.Module) -> None:
-    for m in model.modules():
-        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
-            m.reset_parameters()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
+    flow = capture(model, as_example_inputs(model, example_inputs))
+    return WidthTable(model, IndexSpaces(flow))
 
 
 def resize(
@@ -416,53 +293,21 @@ def resize(
 ) -> nn.Module:
     """A copy of `model` with width group `name` at `widths[name]` (names from `width_groups`).
 
-    Resized layers are new instances of their classes; with `reinit` every layer is re-initialised
-    (PyTorch defaults), as if the model had been constructed at the new widths. The copy is run on
-    the example inputs and must give outputs of the original shapes."""
+    Resized parameters are new tensors; with `reinit` every layer is re-initialised (PyTorch
+    defaults), as if the model had been constructed at the new widths. The copy is run on the
+    example inputs and must give outputs of the original shapes."""
+    from surgery.runtime.resize import rebuild
+
     inputs = as_example_inputs(model, example_inputs)
     table = table or width_groups(model, inputs)
-    full = table._full(widths)
-    resized = copy.deepcopy(model)
-    for spec in table._specs.values():
-        old = table._modules[spec.module]
-        dims = table._dims(spec, full)
-        if dims != table._dims(spec, [g.width for g in table.groups]):
-            resized.set_submodule(spec.module, _build(old, spec.kind, dims))
-    if reinit:
-        _reset(resized)
-    _check_outputs(model, resized, inputs)
-    return resized
-
-
-def _shapes(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (list, tuple)):
-        return [_shapes(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _shapes(v) for k, v in value.items()}
-    return None
-
-
-def _check_outputs(model: nn.Module, resized: nn.Module, inputs: tuple[Any, ...]) -> None:
-    with torch.no_grad(), _eval_mode(model), _eval_mode(resized):
-        expected = _shapes(model(*inputs))
-        try:
-            got = _shapes(resized(*inputs))
-        except Exception as error:  # noqa: BLE001 - say which model code assumed the old widths
-            raise PlanError(
-                f"the resized {type(model).__name__} does not run ({type(error).__name__}: {error}); "
-                "its forward probably hard-codes a width (e.g. x.view(-1, 512))"
-            ) from error
-    if got != expected:
-        raise PlanError(f"the resized model's outputs have shapes {got}, not {expected}")
+    return rebuild(model, table, table.leaf_widths(widths), inputs, reinit=reinit)
 
 
 def widen(
     model: nn.Module, factor: float, example_inputs: Any = None, *, reinit: bool = True
 ) -> nn.Module:
-    """A copy of `model` with every free width group multiplied by `factor` (rounded, >= 1)."""
+    """A copy of `model` with every free width multiplied by `factor` (see `WidthTable.scaled`)."""
+    from surgery.runtime.resize import rebuild_scaled
+
     inputs = as_example_inputs(model, example_inputs)
-    table = width_groups(model, inputs)
-    widths = {g.name: max(1, round(factor * g.width)) for g in table.free}
-    return resize(model, widths, inputs, reinit=reinit, table=table)
+    return rebuild_scaled(model, width_groups(model, inputs), factor, inputs, reinit=reinit)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import traceback
@@ -21,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from surgery.errors import CaptureError, PlanError
 from surgery.ir import normalize
-from surgery.ir.graph import Dataflow, Op
+from surgery.ir.graph import Dataflow, Op, Ref
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,11 +101,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _PathTracer(fx.Tracer):
-    """symbolic_trace that remembers the innermost module it was inside when tracing failed."""
+    """symbolic_trace that remembers the innermost module it was inside when tracing failed, and
+    whether each module returned one tensor."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failed_in: tuple[str, str] | None = None
+        self.returns: dict[str, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """Known layers are one op; torch.nn composites (TransformerEncoderLayer, ...) are traced
@@ -116,19 +119,35 @@ class _PathTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
                 self.failed_in = (self.path_of_module(m) or "<root>", type(m).__name__)
             raise
+        path = self.path_of_module(m)
+        one = isinstance(out, fx.Proxy) and normalize.classify_module(m)[0] != "attention"
+        self.returns[path] = self.returns.get(path, True) and one
+        return out
+
+
+def forward_keywords(model: nn.Module) -> dict[str, Any]:
+    """Keywords capture passes to a forward that takes them: `use_cache=False` (a model built with
+    `from_pretrained` defaults returns a key/value cache object no tracer can follow; the cache is
+    not part of what the model computes from its inputs)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
 
 
 def capture(model: nn.Module, example_inputs: Any = None) -> Dataflow:
     """Capture `model` on `example_inputs` into a Dataflow; raise CaptureError naming what failed."""
     inputs = as_example_inputs(model, example_inputs)
     tracer = _PathTracer()
+    keywords = forward_keywords(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=keywords or None)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as fx_error:  # noqa: BLE001 - any trace failure means: try torch.export
         where = tracer.failed_in
@@ -136,7 +155,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Dataflow:
         fx_where = f"module '{where[0]}' ({where[1]})" if where else "the top-level forward"
         frame = _user_frame(fx_error)
         fx_msg = f"torch.fx.symbolic_trace failed inside {fx_where}{f' at {frame}' if frame else ''}: {fx_reason}"
-        return _capture_export(model, inputs, fx_msg)
+        return _capture_export(model, inputs, fx_msg, keywords)
     with torch.no_grad(), _eval_mode(model), contextlib.redirect_stderr(io.StringIO()):
         try:
             ShapeProp(gm).propagate(
@@ -144,7 +163,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Dataflow:
             )  # it prints a traceback before re-raising: keep it quiet
         except Exception as error:  # noqa: BLE001
             raise _input_mismatch(model, inputs, error.__cause__ or error) from error
-    return _fx_dataflow(model, gm, inputs)
+    return _fx_dataflow(model, gm, inputs, tracer.returns)
 
 
 def _input_mismatch(model: nn.Module, inputs: Sequence[Any], error: BaseException) -> PlanError:
@@ -219,6 +238,7 @@ def _finish(
     scope_types: dict[str, str],
     calls: dict[str, set[str]],
     inputs: Sequence[Any],
+    returns: dict[str, bool],
 ) -> Dataflow:
     module_calls = {path: len(keys) for path, keys in calls.items()}
     for op in ops.values():
@@ -243,10 +263,20 @@ def _finish(
         module_kinds=_module_kinds(model),
         param_aliases=_param_aliases(model),
         example_shapes=_example_shapes(inputs),
+        param_shapes={
+            name: tuple(t.shape)
+            for name, t in [
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            ]
+        },
+        returns_tensor=returns,
     )
 
 
-def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) -> Dataflow:
+def _fx_dataflow(
+    model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any], returns: dict[str, bool]
+) -> Dataflow:
     ops: dict[str, Op] = {}
     placeholders: list[str] = []
     outputs: list[str] = []
@@ -303,6 +333,8 @@ def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) ->
             )
             label = f".{node.target}()"
         kind, attrs = normalize.in_context(kind, attrs, label, len(tensor_inputs), len(param_args))
+        if node.op in ("call_function", "call_method"):
+            attrs = {**attrs, **_fx_call(node, ops)}
         ops[node.name] = Op(
             name=node.name,
             kind=kind,
@@ -319,8 +351,74 @@ def _fx_dataflow(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any]) ->
             else None,
         )
     return _finish(
-        model, ops, placeholders, outputs, "torch.fx.symbolic_trace", scope_types, calls, inputs
+        model,
+        ops,
+        placeholders,
+        outputs,
+        "torch.fx.symbolic_trace",
+        scope_types,
+        calls,
+        inputs,
+        returns,
     )
+
+
+def _fx_call(node: fx.Node, ops: dict[str, Op]) -> dict[str, Any]:
+    """The call record of an fx call_function / call_method node (see `Op.attrs`)."""
+
+    def ref(n: fx.Node) -> Ref:
+        if n.name in ops:
+            return Ref(op=n.name)
+        return Ref(param=n.target) if n.op == "get_attr" else Ref()
+
+    fn = node.target if node.op == "call_method" else _short(node.target)
+    return {
+        "fn": _OPERATOR_NAMES.get(fn, fn),
+        "args": _recorded(node.args, ref),
+        "kwargs": _recorded(dict(node.kwargs), ref),
+    }
+
+
+# Python operators and their torch names (the analysis speaks torch)
+_OPERATOR_NAMES = {
+    "truediv": "div",
+    "iadd": "add",
+    "imul": "mul",
+    "isub": "sub",
+    "itruediv": "div",
+    "matmul": "matmul",
+    "floordiv": "floor_divide",
+    "neg": "neg",
+    "pow": "pow",
+    "and_": "bitwise_and",
+    "or_": "bitwise_or",
+    "invert": "bitwise_not",
+    "eq": "eq",
+    "ne": "ne",
+    "lt": "lt",
+    "gt": "gt",
+    "le": "le",
+    "ge": "ge",
+}
+
+
+def _recorded(value: Any, ref: Any) -> Any:
+    """A call argument with every graph node replaced by ref(node), recursively."""
+    if isinstance(value, fx.Node):
+        return ref(value)
+    if isinstance(value, (list, tuple)):
+        return (
+            type(value)(_recorded(v, ref) for v in value)
+            if isinstance(value, tuple)
+            else [_recorded(v, ref) for v in value]
+        )
+    if isinstance(value, dict):
+        return {k: _recorded(v, ref) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(
+            _recorded(value.start, ref), _recorded(value.stop, ref), _recorded(value.step, ref)
+        )
+    return value
 
 
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor | None]:
@@ -331,10 +429,13 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor | None]:
     return found
 
 
-def _capture_export(model: nn.Module, inputs: tuple[Any, ...], fx_msg: str) -> Dataflow:
+def _capture_export(
+    model: nn.Module, inputs: tuple[Any, ...], fx_msg: str, keywords: dict[str, Any]
+) -> Dataflow:
+    returns: dict[str, bool] = {}
     try:
-        with _eval_mode(model):
-            program = torch.export.export(model, inputs, strict=False)
+        with _eval_mode(model), _recording_returns(model, returns):
+            program = torch.export.export(model, inputs, kwargs=keywords, strict=False)
     except Exception as error:  # noqa: BLE001
         frame = _user_frame(error)
         raise CaptureError(
@@ -343,11 +444,33 @@ def _capture_export(model: nn.Module, inputs: tuple[Any, ...], fx_msg: str) -> D
             "shapes, not tensor values (torch.where / torch.cond), or wrap the offending code in a "
             "submodule and pass plain tensors as example_inputs."
         ) from error
-    return _export_dataflow(model, program, inputs)
+    return _export_dataflow(model, program, inputs, returns)
+
+
+@contextlib.contextmanager
+def _recording_returns(model: nn.Module, returns: dict[str, bool]) -> Iterator[None]:
+    """Record, for every module called while tracing, whether it returns one plain tensor (a
+    Hugging Face encoder returns a ModelOutput: no hook can read one tensor there)."""
+
+    def hook(path: str) -> Any:
+        def record(module: nn.Module, args: Any, out: Any) -> None:
+            returns[path] = returns.get(path, True) and isinstance(out, torch.Tensor)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(p)) for p, m in model.named_modules() if p]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _export_dataflow(
-    model: nn.Module, program: torch.export.ExportedProgram, inputs: Sequence[Any]
+    model: nn.Module,
+    program: torch.export.ExportedProgram,
+    inputs: Sequence[Any],
+    returns: dict[str, bool],
 ) -> Dataflow:
     sig = program.graph_signature
     param_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
@@ -380,7 +503,9 @@ def _export_dataflow(
                 ops[op.name] = op
     outputs = [_resolve(n, same) for n in program.graph.output_node().all_input_nodes]
     outputs = [n for n in outputs if n in ops]
-    return _finish(model, ops, placeholders, outputs, "torch.export", scope_types, calls, inputs)
+    return _finish(
+        model, ops, placeholders, outputs, "torch.export", scope_types, calls, inputs, returns
+    )
 
 
 def _leaf_path(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -513,6 +638,19 @@ def _aten_op(
     kind, attrs = normalize.classify_aten(node.target, node.args, n_tensors, first_rank)
     label = str(node.target)
     kind, attrs = normalize.in_context(kind, attrs, label, len(tensor_inputs), 0)
+
+    def ref(n: fx.Node) -> Ref:
+        name = _resolve(n, same)
+        if name in ops:
+            return Ref(op=name)
+        return Ref(param=param_names[n.name]) if n.name in param_names else Ref()
+
+    attrs = {
+        **attrs,
+        "fn": _short(node.target),
+        "args": _recorded(node.args, ref),
+        "kwargs": _recorded(dict(node.kwargs), ref),
+    }
     return Op(
         name=node.name,
         kind=kind,

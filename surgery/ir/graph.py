@@ -47,6 +47,15 @@ class Layout:
     inner: int = 1
 
 
+@dataclass(frozen=True)
+class Ref:
+    """A tensor argument of a recorded call: an op of the dataflow (`op`), a parameter or buffer of
+    the model (`param`, its qualified name), or a value the capture could not see (both None)."""
+
+    op: str | None = None
+    param: str | None = None
+
+
 @dataclass
 class Op:
     """One tensor-producing node of the captured graph, in the canonical vocabulary."""
@@ -59,6 +68,9 @@ class Op:
     dtype: torch.dtype | None = None
     module: str | None = None  # the module this op is a call of (its first argument is inputs[0])
     params: dict[str, str] = field(default_factory=dict)  # role -> qualified parameter/buffer name
+    # for calls of functions/methods/aten ops: "fn" (canonical name: "view", "split", "getitem",
+    # "cat", ...), "args" and "kwargs" with tensors written as Ref (see `Ref`), for the index-space
+    # analysis; plus what normalize records per kind
     attrs: dict[str, Any] = field(default_factory=dict)
     scope: tuple[str, ...] = ()  # enclosing module paths, outermost first
     source: str | None = None  # user source line, for messages
@@ -85,6 +97,10 @@ class Dataflow:
     ]  # module path -> "leaf", "container" (Sequential/ModuleList/...) or "block"
     param_aliases: dict[str, list[str]]  # parameter name -> other names of the same tensor
     example_shapes: list[tuple[int, ...]]
+    # parameter/buffer name (every alias) -> shape: what the index-space analysis sizes them by
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # module path -> whether every call of it returned one plain tensor (not a tuple/ModelOutput)
+    returns_tensor: dict[str, bool] = field(default_factory=dict)
 
     def users(self) -> dict[str, list[str]]:
         """Consumer ops of each op, in topological order (an op using a tensor twice appears twice)."""

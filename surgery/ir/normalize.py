@@ -183,10 +183,15 @@ def classify_module(m: nn.Module, one_activation: bool = False) -> Classified:
         return "max_pool", {}
     if isinstance(m, _NONLINEAR_MODULES):
         return "nonlinear", {}
-    if isinstance(m, _NORM_MODULES) or _is_custom_norm(m):
-        return "norm", {}
+    if isinstance(m, (nn.GroupNorm, nn.LocalResponseNorm)):
+        return "norm", {"channels": True, "groups": getattr(m, "num_groups", None)}
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        return "norm", {"normalized": len(m.normalized_shape)}
+    if _is_custom_norm(m):
+        weight = getattr(m, "weight", None)
+        return "norm", {"normalized": weight.dim() if isinstance(weight, torch.Tensor) else 1}
     if isinstance(m, nn.MultiheadAttention):
-        return "attention", {"self_attention": one_activation}
+        return "attention", {"self_attention": one_activation, "num_heads": m.num_heads}
     return "other", {}
 
 

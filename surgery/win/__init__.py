@@ -20,18 +20,20 @@ from .loop import (
     train,
     win,
 )
-from .sample import sample_from_teacher
-from .widen import widen
+from .sample import Selection, sample_from_teacher
+from .widen import narrow, widen
 
 __all__ = [
     "Imitation",
     "Log",
     "Recipe",
+    "Selection",
     "WinResult",
     "choose_stages",
     "imitate",
     "kd_loss",
     "least_squares_start",
+    "narrow",
     "plan_stages",
     "sample_from_teacher",
     "shard",

@@ -257,6 +257,9 @@ def _tensor_leaves(out: Any) -> list[torch.Tensor]:
     ]
 
 
+CONDITION = 1e3  # the largest ratio of M1's singular values the closed-form start allows
+
+
 @torch.no_grad()
 def least_squares_start(
     imitation: Imitation, *inputs: Any, ridge: float = 1e-4
@@ -299,12 +302,17 @@ def least_squares_start(
         gram = h.T @ h
         gram += ridge * gram.diagonal().mean() * torch.eye(site.d, dtype=gram.dtype)
         m1 = torch.linalg.solve(gram, h.T @ t).T  # [D, d]
+        # its singular values floored at CONDITION of the largest: M2 = M1^-1 stays well
+        # conditioned, so M2 M1 = I holds in the pairs' own dtype and the forward is unchanged
+        u, sv, vh = torch.linalg.svd(m1, full_matrices=False)
+        sv = sv.clamp_min(sv[0].clamp_min(1e-30) / CONDITION)
+        m1 = (u * sv) @ vh
         residuals[s] = float((h @ m1.T - t).norm() / t.norm().clamp_min(1e-30))
         pair.widen.weight.copy_(m1)
         if pair.widen.bias is not None:
             pair.widen.bias.zero_()
         if pair.narrow is not None:
-            pair.narrow.weight.copy_(torch.linalg.pinv(m1))
+            pair.narrow.weight.copy_((vh.T / sv) @ u.T)
             if pair.narrow.bias is not None:
                 pair.narrow.bias.zero_()
     return residuals

@@ -8,19 +8,17 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from surgery.analysis.blocks import BlockTable, analyse
 from surgery.errors import PlanError
 from surgery.ir.capture import as_example_inputs, capture
 from surgery.paired import insert_pairs
-from surgery.report import progress_bar
 from surgery.runtime.fold import fold, strip_pairs
 from surgery.runtime.models import unwrap
 from surgery.runtime.pairs import is_paired
@@ -28,7 +26,15 @@ from surgery.runtime.pairs import premerged as premerged_mode
 from surgery.runtime.sharded import gathered, is_sharded
 
 from .imitation import Imitation, Mapping_, least_squares_start, teacher_site, teacher_table
-from .sample import sample_from_teacher
+from .losses import inputs_of, kd_loss, logits_of, task_loss
+from .start import (
+    held_out_batch,
+    kept_if_better,
+    recipe_start,
+    same_on_every_rank,
+    start_quality,
+)
+from .steps import Log, distributed, mean_over_ranks, run_steps
 
 Batch = tuple[Any, Any]  # (inputs: tensor or tuple of tensors, labels)
 
@@ -41,22 +47,6 @@ def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
             yield batch
         if empty:
             raise PlanError("the batches iterable is empty")
-
-
-def _inputs(x: Any) -> tuple[Any, ...]:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _main_process() -> bool:
-    return not _distributed() or dist.get_rank() == 0
 
 
 SHARDINGS = ("auto", "ddp", "fsdp", "none")
@@ -73,7 +63,7 @@ def _wrap(model: nn.Module, sharding: Sharding = "auto") -> nn.Module:
         return sharding(model)
     if sharding not in SHARDINGS:
         raise PlanError(f"sharding must be one of {SHARDINGS} or a callable, got {sharding!r}")
-    if sharding == "none" or not _distributed():
+    if sharding == "none" or not distributed():
         return model
     if sharding == "fsdp":
         return shard(model)
@@ -164,52 +154,6 @@ def _optimizer(
     return opt, sched
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the last dim (sequence models: every position)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL from the teacher's to the student's softened distribution, times T² (Hinton et al.)."""
-    t = temperature
-    s_log = F.log_softmax(student.reshape(-1, student.shape[-1]) / t, -1)
-    t_log = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]) / t, -1)
-    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
-
-
-@dataclass
-class Log:
-    """Per-stage loss curves, in order."""
-
-    stages: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, stage: str, value: float) -> None:
-        self.stages.setdefault(stage, []).append(value)
-
-    def plot(self, path: str, title: str = "WIN training") -> str:
-        """A PNG of the loss curves, stage after stage on one step axis (log scale)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        start = 0
-        for name, values in self.stages.items():
-            ax.plot(range(start, start + len(values)), values, label=name, linewidth=1)
-            ax.axvline(start, color="0.85", linewidth=0.8)
-            start += len(values)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(title)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-
-
 def train(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -240,37 +184,40 @@ def train(
     sharding: how it trains under torchrun (see `_wrap`); "fsdp" shards `model` in place."""
     net = _wrap(model, sharding)
     net.train()
-    opt, sched = _optimizer(net, steps, lr, momentum, weight_decay, optimizer, warmup)
     if teacher is not None:
         teacher.eval()
-    losses: list[float] = []
-    data = _cycle(batches)
-    with _pair_mode(model, premerged), progress_bar(enabled=_main_process()) as progress:
-        task = progress.add_task(stage, total=steps)
-        for _ in range(steps):
-            x, y = next(data)
-            logits = _logits(net(*_inputs(x)))
-            loss = torch.zeros((), device=logits.device)
-            if teacher is None or kd_weight < 1:
-                loss = loss + (1 - (kd_weight if teacher is not None else 0)) * loss_fn(logits, y)
-            if teacher is not None and kd_weight > 0:
-                with torch.no_grad():
-                    target = _logits(teacher(*_inputs(x)))
-                loss = loss + kd_weight * kd_loss(logits, target, temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if log is not None:
-                log.add(stage, losses[-1])
-            progress.update(task, advance=1, description=f"{stage} (loss {losses[-1]:.4f})")
-            if callback is not None:
-                callback(model, len(losses))
-                net.train()
-    return losses
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        x, y = batch
+        logits = logits_of(net(*inputs_of(x)))
+        loss = torch.zeros((), device=logits.device)
+        if teacher is None or kd_weight < 1:
+            loss = loss + (1 - (kd_weight if teacher is not None else 0)) * loss_fn(logits, y)
+        if teacher is not None and kd_weight > 0:
+            with torch.no_grad():
+                target = logits_of(teacher(*inputs_of(x)))
+            loss = loss + kd_weight * kd_loss(logits, target, temperature)
+        return loss
+
+    def after_step(step: int) -> None:
+        if callback is not None:
+            callback(model, step)
+            net.train()
+
+    with _pair_mode(model, premerged):
+        return run_steps(
+            net,
+            steps,
+            lambda scale, n: _optimizer(
+                net, n, lr * scale, momentum, weight_decay, optimizer, warmup
+            ),
+            loss_of,
+            _cycle(batches),
+            clip=clip,
+            log=log,
+            stage=stage,
+            after_step=after_step,
+        )
 
 
 def imitate(
@@ -314,7 +261,7 @@ def imitate(
         p.requires_grad_(False)
     net = _wrap(paired, sharding)
     data = _cycle(batches)
-    held_out = _inputs(next(data)[0])
+    held_out = inputs_of(next(data)[0])
     blocks = _newest_blocks(paired, example_inputs, stages) if restarts or earlier_lr != 1 else {}
     finals = {}
     for chunk, budget in zip(stages, per_stage, strict=True):
@@ -339,7 +286,7 @@ def imitate(
                     tag,
                 )
             with torch.no_grad():
-                score = _mean_over_ranks(objective(*held_out).item())
+                score = mean_over_ranks(objective(*held_out).item())
             if best is None or score < best[0]:
                 best = (score, copy.deepcopy(unwrap(paired).state_dict()))
         unwrap(paired).load_state_dict(best[1])
@@ -378,21 +325,21 @@ def _imitation_stage(
 ) -> None:
     net.train()
     lr, momentum, kind, warmup, groups, clip = optim
-    opt, sched = _optimizer(net, steps, lr, momentum, 0.0, kind, warmup, groups)
-    with progress_bar(enabled=_main_process()) as progress:
-        task = progress.add_task(tag, total=steps)
-        for _ in range(steps):
-            x, _ = next(data)
-            loss = objective(*_inputs(x))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            opt.step()
-            sched.step()
-            if log is not None:
-                log.add(tag, loss.item())
-            progress.update(task, advance=1, description=f"{tag} (loss {loss.item():.4f})")
+
+    def optimizer_for(scale: float, n: int) -> tuple[Any, Any]:
+        scaled = None if groups is None else [{**g, "lr": g["lr"] * scale} for g in groups]
+        return _optimizer(net, n, lr * scale, momentum, 0.0, kind, warmup, scaled)
+
+    run_steps(
+        net,
+        steps,
+        optimizer_for,
+        lambda batch: objective(*inputs_of(batch[0])),
+        data,
+        clip=clip,
+        log=log,
+        stage=tag,
+    )
 
 
 def _stage_groups(
@@ -424,15 +371,6 @@ def _pair_mode(model: nn.Module, policy: bool | str) -> contextlib.AbstractConte
     if policy is False or not is_paired(model):
         return contextlib.nullcontext()
     return premerged_mode(model, policy)
-
-
-def _mean_over_ranks(value: float) -> float:
-    """The same number on every rank, so every rank keeps the same restart."""
-    if not _distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
 
 
 def _newest_blocks(
@@ -591,35 +529,24 @@ def budget(recipe: Recipe, n_stages: int) -> tuple[list[int], int]:
     return per_stage, recipe.steps - imitating
 
 
-def recipe_start(
-    student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], inputs: Any, recipe: Recipe
-) -> None:
-    """The recipe's sampled start, in place: the teacher sliced with `sample_scale`, each sampled
-    layer refitted on `sample_refit` examples of `batches` (none when 0)."""
-    if is_sharded(teacher):
-        raise PlanError(
-            "the sampled start reads the teacher's full weights and this teacher is sharded by "
-            "FSDP2: pass sampled_start=False, or sample the student (win.sample_from_teacher) "
-            "before sharding the teacher"
-        )
-    refit = recipe.sample_refit
-    sample_from_teacher(
-        student,
-        teacher,
-        inputs,
-        scale=recipe.sample_scale,
-        refit=calibration(batches, refit) if refit else None,
-        select=recipe.sample_select,
-    )
-    same_on_every_rank(student)
+MIN_STAGE_STEPS = 10  # a budget's automatic stages are chunked to get at least this many each
 
 
-def same_on_every_rank(model: nn.Module) -> None:
-    """Under torchrun, rank 0's parameters and buffers on every rank: a start fitted on each rank's
-    own batches differs between ranks, and FSDP2 (unlike DDP) does not broadcast at wrapping."""
-    if _distributed() and dist.get_world_size() > 1:
-        for t in model.state_dict().values():
-            dist.broadcast(t, src=0)
+def chunked(stages: list[list[str]], recipe: Recipe) -> list[list[str]]:
+    """With a budget (`steps=N`) and automatic stages, consecutive stages grouped into chunks so
+    that each imitates for at least MIN_STAGE_STEPS steps (one chunk when the budget is smaller):
+    many very short stages wreck training, and a deep model must still fit a small budget."""
+    if recipe.steps is None or not isinstance(recipe.stages, str) or not stages:
+        return stages
+    imitating = round(recipe.steps * recipe.imitation_share)
+    n = max(1, min(len(stages), imitating // MIN_STAGE_STEPS))
+    if n == len(stages):
+        return stages
+    bounds = [round(i * len(stages) / n) for i in range(n + 1)]
+    return [
+        [s for chunk in stages[a:b] for s in chunk]
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
 
 
 def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
@@ -638,20 +565,6 @@ def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
         clip=_clip(recipe.clip),
         sharding=recipe.sharding,
     )
-
-
-def calibration(batches: Iterable[Batch], examples: int) -> tuple[Any, ...]:
-    """The first `examples` inputs of `batches`, concatenated (tensors batched on dim 0)."""
-    parts: list[tuple[Any, ...]] = []
-    n = 0
-    for x, _ in batches:
-        parts.append(_inputs(x))
-        n += parts[-1][0].shape[0]
-        if n >= examples:
-            break
-    if not parts:
-        raise PlanError("the batches iterable is empty")
-    return tuple(torch.cat(column)[:examples] for column in zip(*parts, strict=True))
 
 
 def choose_stages(
@@ -728,8 +641,9 @@ def win(
     inputs = as_example_inputs(student, example_inputs)
     recipe = (recipe or Recipe()).for_model(student, inputs)
     student = copy.deepcopy(student)
+    log = Log()
     if recipe.sampled_start:
-        recipe_start(student, teacher, batches, inputs, recipe)
+        recipe_start(student, teacher, batches, inputs, recipe, log)
     table, t_table, stages = _stage_tables(student, teacher, inputs, recipe.stages, recipe.mapping)
     sites = [s for chunk in stages for s in chunk]
     widths = {s: t_table.get(teacher_site(s, recipe.mapping)).width for s in sites}
@@ -737,35 +651,55 @@ def win(
     paired = insert_pairs(
         student, inputs, wide=widths, sites=foldable, probes=[s for s in sites if s not in foldable]
     )
+    stages = chunked(stages, recipe)
     per_stage, finetune_steps = budget(recipe, len(stages))
-    log = Log()
+    held_out = held_out_batch(batches, recipe.sample_refit if recipe.sampled_start else 0)
+
+    def quality() -> float:
+        return start_quality(paired, teacher, held_out)
+
     if recipe.least_squares_start:
-        ls_inputs = _inputs(next(_cycle(batches))[0])
-        least_squares_start(
-            Imitation(paired, teacher, inputs, sites=sites, mapping=recipe.mapping), *ls_inputs
-        )
+        ls_inputs = inputs_of(next(_cycle(batches))[0])
+        objective = Imitation(paired, teacher, inputs, sites=sites, mapping=recipe.mapping)
+        with torch.no_grad():
+            kept_if_better(
+                paired,
+                lambda: least_squares_start(objective, *ls_inputs),
+                quality,
+                mean_over_ranks(quality()),
+                "closed-form M1",
+                log,
+            )
         same_on_every_rank(paired)
-    finals = imitate(
-        paired,
-        teacher,
-        batches,
-        inputs,
-        stages,
-        per_stage,
-        lr=recipe.imitation_lr,
-        momentum=recipe.momentum,
-        optimizer=recipe.optimizer,
-        restarts=recipe.restarts,
-        mapping=recipe.mapping,
-        loss=recipe.loss,
-        log=log,
-        premerged=recipe.premerged,
-        earlier_lr=recipe.earlier_lr,
-        warmup=recipe.imitation_warmup,
-        reset_narrow=recipe.reset_narrow,
-        clip=_clip(recipe.clip),
-        sharding=recipe.sharding,
-    )
+    finals: dict[str, float] = {}
+
+    def imitation() -> None:
+        finals.update(
+            imitate(
+                paired,
+                teacher,
+                batches,
+                inputs,
+                stages,
+                per_stage,
+                lr=recipe.imitation_lr,
+                momentum=recipe.momentum,
+                optimizer=recipe.optimizer,
+                restarts=recipe.restarts,
+                mapping=recipe.mapping,
+                loss=recipe.loss,
+                log=log,
+                premerged=recipe.premerged,
+                earlier_lr=recipe.earlier_lr,
+                warmup=recipe.imitation_warmup,
+                reset_narrow=recipe.reset_narrow,
+                clip=_clip(recipe.clip),
+                sharding=recipe.sharding,
+            )
+        )
+
+    # imitation is a means to a better start for the fine-tuning: kept only if it is one
+    kept_if_better(paired, imitation, quality, mean_over_ranks(quality()), "imitation", log)
     finetune = dict(
         **finetune_options(recipe, teacher),
         log=log,

@@ -1,20 +1,38 @@
-"""The student's start of the paper's Assumption 3.4: each thin layer made of neurons sampled from the
-corresponding wide layer (one random subset of channels per width group, shared by every layer that
-reads or writes it, so residual adds keep lining up)."""
+"""The student's start taken from a wider teacher (the paper's Assumption 3.4; weight selection):
+every thin tensor is the teacher's tensor at the indices the student's index spaces choose.
+
+Both models are analysed by `surgery.analysis.spaces`; the student's spaces are matched to the
+teacher's through the parameters they share names with (the same class, wider), structure by
+structure: heads with heads, the dims within heads with theirs, each part of a packed qkv with its
+part, a grouped-query attention's key/value heads and the query heads grouped over them. Each
+unstructured space then takes some of the teacher's indices (all of them at equal widths), chosen
+once for every tensor it appears in, so residual adds, tied weights and attention keep lining up:
+every parameter and buffer is sliced the same way, whatever module it belongs to (raw
+`nn.Parameter`s such as learned positions and class tokens included).
+
+`Selection` is the start step by step (choose, copy, refit); `sample_from_teacher` runs them all.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.analysis.widths import width_groups
+from surgery.analysis.spaces import CAT, PROD, IndexSpaces
+from surgery.analysis.widths import WidthTable, width_groups
 from surgery.errors import PlanError
 from surgery.ir.capture import as_example_inputs
 
-from .spaces import Space, SpaceTable, index_spaces
+SELECTS = ("energy", "random", "first")
+SCALES = ("fan_in", "sqrt", "none")
+_LINEAR_LIKE = ("linear", "conv")
 
 
 @torch.no_grad()
@@ -29,347 +47,442 @@ def sample_from_teacher(
     ridge: float = 1e-3,
     select: str = "random",
 ) -> nn.Module:
-    """Initialise `student` in place from `teacher` (same module names, wider layers) and return it.
+    """Initialise `student` in place from `teacher` (same class and parameter names, wider) and
+    return it.
 
-    scale: how input-side weights are scaled. "none" (the default): the plain slice. "fan_in": x D/d,
-    so each sampled pre-activation is an unbiased estimate of the teacher's (the mean-field reading of
-    "sampling m neurons from the wide layer"); "sqrt": x sqrt(D/d); a number p: x (D/d)**p. Measured
-    (bench/win_diag.py, the vision benchmark, 3 seeds): with BatchNorm after every conv the scale of a
-    conv's weights changes nothing in the forward but divides its effective learning rate by the
-    square of the factor, and fine-tuned with KD the D/d start ended 0.677 vs the plain slice's 0.699
-    (vanilla 0.667); the issue's char-LM experiment also found the plain slice best.
+    select: which teacher units each space takes: "energy" (those whose inputs carry the most
+    energy in the teacher on `refit`, else the example inputs, measured at every layer reading
+    them), "random", or "first" (the plain slice).
+    scale: how input-side weights of Linear/Conv layers are scaled: "none" (the plain slice),
+    "fan_in" (x D/d: each sampled pre-activation an unbiased estimate of the teacher's), "sqrt",
+    or an exponent p: x (D/d)**p.
+    refit: calibration inputs (a tensor or tuple, a few hundred examples) on which every layer
+    whose inputs or outputs were subsampled is refitted by ridge least squares, in forward order,
+    to reproduce the teacher's outputs at the chosen units from the student's own inputs (as in
+    channel pruning; beyond the paper). Layers whose weight is tied to another use are left as
+    sampled (refitting one use would change the other). None: copy only.
+    Both models run in eval mode (no dropout) here; their modes are restored after."""
+    selection = Selection(student, teacher, example_inputs, scale=scale)
+    selection.choose(select, generator, refit)
+    selection.copy()
+    if refit is not None:
+        selection.refit(as_example_inputs(student, refit), ridge)
+    return student
 
-    refit: calibration inputs (a tensor or tuple of tensors, a few hundred examples) to refit every
-    sampled Linear / Conv2d (groups=1), in forward order, by ridge least squares, so that on the
-    student's own inputs (earlier layers already refitted) it reproduces the teacher's outputs at the
-    sampled channels (layerwise reconstruction, as in channel pruning; beyond the paper). A random
-    half of a trained network computes nearly nothing (near-chance accuracy); refitted, most of the
-    teacher's function survives. None: copy only.
 
-    select (attention models): "random" units, or "energy": the features and heads whose inputs
-    carry the most energy in the teacher on `refit` (else the example inputs), measured at every
-    norm and every Linear reading them; units nothing reads directly stay random."""
-    if select not in ("random", "energy"):
-        raise PlanError(f"select must be 'random' or 'energy', got {select!r}")
-    inputs = as_example_inputs(student, example_inputs)
-    s_spaces = index_spaces(student, inputs)
-    if s_spaces.attention:
-        t_spaces = index_spaces(teacher, inputs)
+@dataclass
+class _Plan:
+    """How a student space takes teacher indices: "leaf" (the units chosen for student leaf
+    `leaf` of teacher leaf `target`), "one" (one unit of teacher factor `target`), "all" (every
+    index of `target`), or a product / concatenation of member plans."""
+
+    kind: str
+    members: list[_Plan]
+    target: int | None = None
+    leaf: int | None = None
+
+
+class Selection:
+    """The start of `student` from `teacher`, step by step: `choose` the teacher units of every
+    student space, `copy` the tensors at them, `refit` the layers that lost units."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        example_inputs: Any = None,
+        *,
+        scale: str | float = "none",
+    ) -> None:
+        _scale(2.0, scale)  # refuse a bad scale before any work
+        self.student, self.teacher = student, teacher
+        self.inputs = as_example_inputs(student, example_inputs)
+        with _eval(student, teacher):
+            self.s: WidthTable = width_groups(student, self.inputs)
+            self.t: WidthTable = width_groups(teacher, self.inputs)
+        self.scale = scale
+        self.pairs: dict[int, int] = {}  # student leaf -> teacher leaf it takes units of
+        self.leading: set[int] = set()  # teacher factors the student lacks: it takes one unit
+        self.plans: dict[tuple[int, int], _Plan] = {}
+        self.dim_plans = {
+            name: [self._plan(a, b) for a, b in zip(dims, self.t.spaces.dims[name], strict=True)]
+            for name, dims in self.s.spaces.dims.items()
+            if len(self.t.spaces.dims.get(name, ())) == len(dims)
+        }
+        self.chosen: dict[int, torch.Tensor] = {}  # student leaf -> teacher units (sorted)
+        self.chosen_leading: dict[int, torch.Tensor] = {}  # teacher factor -> the one unit taken
+        self.notes: list[str] = []  # what the log should say about the choice
+
+    # ---- matching student spaces to teacher spaces ----
+    def _plan(self, a: int, b: int) -> _Plan:
+        """How student space `a` takes its indices from teacher space `b`, member by member. Where
+        the teacher's product has more factors (the student has one head, one key/value head),
+        the student's factors line up with the teacher's innermost ones and it takes one unit of
+        each leading factor (the same unit wherever that factor appears)."""
+        s, t = self.s.spaces, self.t.spaces
+        key = (s.find(a), t.find(b))
+        if key not in self.plans:
+            self.plans[key] = self._make_plan(a, b)
+        return self.plans[key]
+
+    def _make_plan(self, a: int, b: int) -> _Plan:
+        s, t = self.s.spaces, self.t.spaces
+        sa, sb = s.structure(a), t.structure(b)
+        if sa is not None and sb is not None and sa[0] == sb[0] and len(sa[1]) == len(sb[1]):
+            return _Plan(sa[0], [self._plan(x, y) for x, y in zip(sa[1], sb[1], strict=True)])
+        atoms_a, atoms_b = s.atoms(a), t.atoms(b)
+        if (sa or sb) and 0 < len(atoms_a) <= len(atoms_b) and max(len(atoms_a), len(atoms_b)) > 1:
+            lead = [t.find(x) for x in atoms_b[: len(atoms_b) - len(atoms_a)]]
+            self.leading.update(lead)
+            members = [self._plan(x, y) for x, y in zip(atoms_a, atoms_b[len(lead) :], strict=True)]
+            return _Plan(PROD, [*(_Plan("one", [], target=x) for x in lead), *members])
+        if sa is not None and s.width(a) == t.width(b):
+            return _Plan("all", [], target=t.find(b))  # structured in the student only
+        if sa is not None:
+            raise PlanError(
+                f"sample_from_teacher: the student's {_where(s, a)} is structured "
+                f"{_shape_text(s, a)} and the teacher's {_shape_text(t, b)}: they do not match"
+            )
+        leaf, target = s.find(a), t.find(b)
+        known = self.pairs.get(leaf)
+        if known is not None and t.find(known) != target:
+            raise PlanError(
+                f"sample_from_teacher: the student's {_where(s, leaf)} matches two teacher "
+                f"spaces ({_where(t, known)}, {_where(t, target)})"
+            )
+        self.pairs[leaf] = target
+        if s.width(leaf) == 1:
+            self.leading.add(target)
+        return _Plan("leaf", [], target=target, leaf=leaf)
+
+    # ---- choosing ----
+    def choose(
+        self,
+        select: str = "energy",
+        generator: torch.Generator | None = None,
+        calibration: Any = None,
+    ) -> dict[int, torch.Tensor]:
+        """Student leaf -> the teacher indices it takes (sorted)."""
+        if select not in SELECTS:
+            raise PlanError(f"select must be one of {SELECTS}, got {select!r}")
         energy = (
-            _energies(
-                teacher,
-                t_spaces,
-                as_example_inputs(student, example_inputs if refit is None else refit),
+            self.energies(
+                self.inputs if calibration is None else as_example_inputs(self.student, calibration)
             )
             if select == "energy"
             else {}
         )
-        outs = _sample_heads(student, teacher, s_spaces, t_spaces, generator, scale, energy)
-    else:
-        outs = _sample_channels(student, teacher, inputs, generator, scale)
-    if refit is not None:
-        _refit(student, teacher, as_example_inputs(student, refit), outs, ridge)
-    return student
-
-
-def _sample_channels(
-    student: nn.Module,
-    teacher: nn.Module,
-    inputs: tuple[Any, ...],
-    generator: torch.Generator | None,
-    scale: str | float,
-) -> dict[str, torch.Tensor]:
-    """Convolutional / MLP models: one random channel subset per width group (surgery.analysis.widths)."""
-    s_table, t_table = width_groups(student, inputs), width_groups(teacher, inputs)
-    chosen: dict[str, torch.Tensor] = {}
-    for group in s_table.groups:
-        try:
-            D = t_table[group.name].width
-        except KeyError:
-            raise PlanError(
-                f"sample_from_teacher: the teacher has no width group {group.name!r}"
-            ) from None
-        if D < group.width:
-            raise PlanError(
-                f"sample_from_teacher: the teacher is narrower than the student at {group.name} ({D} < {group.width})"
+        s, t = self.s.spaces, self.t.spaces
+        for atom in self.leading:  # one unit of a factor the student lacks (one of the heads)
+            self.chosen_leading[atom] = _units(
+                t.width(atom), 1, select, generator, energy.get(atom)
             )
-        same = group.frozen is not None or D == group.width
-        chosen[group.name] = (
-            torch.arange(group.width)
-            if same
-            else torch.randperm(D, generator=generator)[: group.width].sort().values
-        )
-    s_modules, t_modules = dict(student.named_modules()), dict(teacher.named_modules())
-    outs: dict[str, torch.Tensor] = {}
-    for module, kind, in_group, in_mult, out_group in s_table.layers():
-        s, t = s_modules[module], t_modules[module]
-        in_idx = _features(chosen[in_group], in_mult) if in_group else torch.arange(_in_features(s))
-        ratio = _in_features(t) / _in_features(s)
-        factor = _scale(ratio, scale)
-        out_idx = chosen[out_group] if out_group else in_idx
-        _copy_sampled(s, t, kind, in_idx, out_idx, factor)
-        outs[module] = out_idx
-    return outs
-
-
-def _sample_heads(
-    student: nn.Module,
-    teacher: nn.Module,
-    s_spaces: SpaceTable,
-    t_spaces: SpaceTable,
-    generator: torch.Generator | None,
-    scale: str | float,
-    energy: dict[int, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Attention models: whole heads, one residual-stream subset shared by every block, the
-    query/key-value grouping kept (surgery.win.spaces); every other tensor copied as it is."""
-    chosen = _choose(s_spaces, t_spaces, generator, energy)
-    s_params = student.state_dict(keep_vars=True)  # tied tensors under each of their names
-    t_params = teacher.state_dict(keep_vars=True)
-    done: set[str] = set()
-    outs: dict[str, torch.Tensor] = {}
-    for use in s_spaces.uses.values():
-        out_idx = chosen[use.space]
-        prefix = f"{use.module}." if use.module else ""
-        if use.kind == "norm":
-            for name, t in t_params.items():
-                local = name[len(prefix) :]
-                if name.startswith(prefix) and "." not in local and t.dim() == 1:
-                    s_params[name].copy_(t[out_idx])
-                    done.add(name)
-            continue
-        weight = t_params[prefix + "weight"]
-        out_axis = use.weight_out_axis
-        w = weight.index_select(out_axis, out_idx)
-        if use.kind == "linear" and use.in_space is not None:
-            in_idx = _features(chosen[use.in_space], use.in_per)
-            w = w.index_select(use.weight_in_axis, in_idx)
-            w = w * _scale(weight.shape[use.weight_in_axis] / len(in_idx), scale)
-        s_params[prefix + "weight"].copy_(w)
-        done.add(prefix + "weight")
-        bias = t_params.get(prefix + "bias")
-        if use.kind == "linear" and bias is not None:
-            s_params[prefix + "bias"].copy_(bias[out_idx])
-            done.add(prefix + "bias")
-        outs[use.module] = out_idx
-    for name, p in s_params.items():
-        if name in done:
-            continue
-        if name not in t_params or t_params[name].shape != p.shape:
-            raise PlanError(
-                f"sample_from_teacher: no rule to sample {name} "
-                f"{tuple(p.shape)} from the teacher's {tuple(t_params[name].shape) if name in t_params else 'nothing'}"
-            )
-        p.copy_(t_params[name])
-    return outs
-
-
-def _energies(
-    teacher: nn.Module, t_spaces: SpaceTable, inputs: tuple[Any, ...]
-) -> dict[int, torch.Tensor]:
-    """Teacher space root -> mean square of each feature where it is read: the input of every norm
-    over it and of every Linear reading it, each reader's vector scaled to mean 1 (one vote each)."""
-    energy: dict[int, torch.Tensor] = {}
-
-    def record(root: int, x: torch.Tensor) -> None:
-        if x.shape[-1] != t_spaces.space(root).width:
-            return
-        e = x.detach().double().pow(2).flatten(0, -2).mean(0)
-        energy[root] = energy.get(root, 0) + e / e.mean().clamp_min(1e-30)
-
-    modules = dict(teacher.named_modules())
-    handles = []
-    for use in t_spaces.uses.values():
-        read = use.space if use.kind == "norm" else use.in_space if use.in_per == 1 else None
-        if use.kind == "embedding" or read is None:
-            continue
-        root = t_spaces.find(read)
-        handles.append(
-            modules[use.module].register_forward_pre_hook(
-                lambda m, a, root=root: record(root, a[0])
-            )
-        )
-    try:
-        with torch.no_grad():
-            teacher(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return energy
-
-
-def _choose(
-    s_spaces: SpaceTable,
-    t_spaces: SpaceTable,
-    generator: torch.Generator | None,
-    energy: dict[int, torch.Tensor],
-) -> dict[int, torch.Tensor]:
-    """Student space id (every id, not only roots) -> the teacher's feature indices it takes."""
-    t_by_key = {t_spaces.space(r).key: r for r in t_spaces.roots()}
-    by_root: dict[int, torch.Tensor] = {}
-    roots = s_spaces.roots()
-    # key/value heads before the query heads grouped over them; packed outputs after their parts
-    order = sorted(
-        roots,
-        key=lambda r: (s_spaces.space(r).grouped is not None, s_spaces.space(r).parts is not None),
-    )
-    for r in order:
-        s = s_spaces.space(r)
-        if s.key not in t_by_key:
-            raise PlanError(f"sample_from_teacher: the teacher has nothing matching {s.key}")
-        t = t_spaces.space(t_by_key[s.key])
-        if s.parts is not None:
-            offsets = [0]
-            for part in t.parts or []:
-                offsets.append(offsets[-1] + t_spaces.space(part).width)
-            if t.parts is None or len(t.parts) != len(s.parts):
+        for leaf, target in self.pairs.items():
+            ws, wt = s.width(leaf), t.width(target)
+            if wt < ws:
                 raise PlanError(
-                    f"sample_from_teacher: {s.key} is packed differently in the teacher"
+                    f"sample_from_teacher: the teacher is narrower than the student at "
+                    f"{_where(s, leaf)} ({wt} < {ws})"
                 )
-            by_root[r] = torch.cat(
-                [by_root[s_spaces.find(p)] + offsets[i] for i, p in enumerate(s.parts)]
+            if ws == wt:
+                self.chosen[leaf] = torch.arange(ws)
+                continue
+            frozen = s.space(leaf).frozen or t.space(target).frozen
+            if frozen:
+                self.notes.append(f"{_where(s, leaf)}: {ws} of {wt} taken although {frozen}")
+            self.chosen[leaf] = (
+                self.chosen_leading[target]
+                if ws == 1
+                else _units(wt, ws, select, generator, energy.get(target))
             )
-            continue
-        by_root[r] = _pick(s, t, s_spaces, by_root, generator, energy.get(t_by_key[s.key]))
-    return {i: by_root[s_spaces.find(i)] for i in range(len(s_spaces))}
+        return self.chosen
 
+    def energies(self, inputs: tuple[Any, ...]) -> dict[int, torch.Tensor]:
+        """Teacher leaf -> mean square of each of its units where layers read them (the input of
+        every Linear, conv and norm), each reader's vector scaled to mean 1 (one vote each); for a
+        unit no layer reads, where layers write it."""
+        t, flow = self.t.spaces, self.t.flow
+        read: dict[int, torch.Tensor] = {}
+        written: dict[int, torch.Tensor] = {}
+        modules = dict(self.teacher.named_modules())
+        handles = []
 
-def _pick(
-    s: Space,
-    t: Space,
-    s_spaces: SpaceTable,
-    by_root: dict[int, torch.Tensor],
-    generator: torch.Generator | None,
-    energy: torch.Tensor | None,
-) -> torch.Tensor:
-    """The teacher features student space `s` takes: all of them at equal width, else whole units,
-    the most energetic ones when `energy` is known, else at random (query heads inside the
-    key/value heads already chosen under grouped attention)."""
-    if t.width < s.width:
-        raise PlanError(
-            f"sample_from_teacher: the teacher is narrower than the student at {s.key} ({t.width} < {s.width})"
-        )
-    if t.width == s.width:
-        return torch.arange(s.width)
-    if s.frozen:
-        raise PlanError(f"sample_from_teacher: {s.key} cannot be sampled: {s.frozen}")
-    if s.unit != t.unit:
-        raise PlanError(
-            f"sample_from_teacher: {s.key} has heads of {s.unit} features in the student and "
-            f"{t.unit} in the teacher; whole heads can only be sampled between equal head sizes"
-        )
-    if (s.grouped is None) != (t.grouped is None):
-        raise PlanError(
-            f"sample_from_teacher: {s.key}: grouped-query attention in only one of student and teacher"
-        )
-    scores = None if energy is None else energy.reshape(-1, t.unit).sum(1)  # per unit
-    if s.grouped is not None:
-        kv = by_root[s_spaces.find(s.grouped[0])][:: s.unit] // s.unit  # the chosen key/value heads
-        per_s, per_t = s.grouped[1], t.grouped[1]
-        if per_t < per_s:
-            raise PlanError(
-                f"sample_from_teacher: {s.key} groups {per_s} query heads per key/value head, the "
-                f"teacher only {per_t}"
+        def record(into: dict[int, torch.Tensor], space: int, x: Any, axis: int) -> None:
+            if not isinstance(x, torch.Tensor) or x.dim() <= axis % max(x.dim(), 1):
+                return
+            if x.shape[axis] != t.width(space):
+                return
+            e = x.detach().double().movedim(axis, -1).pow(2).reshape(-1, x.shape[axis]).mean(0)
+            e = e / e.mean().clamp_min(1e-30)
+            for leaf, part in _split_energy(t, space, e):
+                into[leaf] = into.get(leaf, 0) + part / part.mean().clamp_min(1e-30)
+
+        for op in flow.ops.values():
+            if not op.module or op.module not in modules or not op.params or not op.inputs:
+                continue
+            if op.kind not in ("linear", "conv", "norm", "batch_norm"):
+                continue
+            x_axes = t.axes.get(op.inputs[0])
+            if not x_axes:
+                continue
+            axis = 1 if op.kind in ("conv", "batch_norm") or op.attrs.get("channels") else -1
+            space_in = x_axes[axis]
+            out_axis = t.feature_axis(op.name)
+            space_out = t.axes[op.name][out_axis] if out_axis is not None else None
+            module = modules[op.module]
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, a, sp=space_in, ax=axis: record(read, sp, a[0] if a else None, ax)
+                )
             )
-        heads = torch.cat(
-            [h * per_t + _units(per_t, per_s, generator, scores, h * per_t) for h in kv]
-        )
-    else:
-        heads = _units(t.width // t.unit, s.width // s.unit, generator, scores, 0)
-    return _features(heads, s.unit)
+            if space_out is not None and op.kind in _LINEAR_LIKE:
+                handles.append(
+                    module.register_forward_hook(
+                        lambda m, a, o, sp=space_out, ax=out_axis: record(written, sp, o, ax)
+                    )
+                )
+        try:
+            with _eval(self.teacher):
+                self.teacher(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return {**written, **read}
+
+    # ---- indices ----
+    def indices(self, plan: _Plan) -> torch.Tensor:
+        """The teacher indices a plan takes (into its teacher space, in the student's order)."""
+        if plan.kind == "leaf":
+            return self.chosen[plan.leaf]
+        if plan.kind == "one":
+            return self.chosen_leading[plan.target]
+        if plan.kind == "all":
+            return torch.arange(self.t.spaces.width(plan.target))
+        picks = [self.indices(m) for m in plan.members]
+        widths = [self.teacher_width(m) for m in plan.members]
+        if plan.kind == CAT:
+            offsets = [0]
+            for w in widths[:-1]:
+                offsets.append(offsets[-1] + w)
+            return torch.cat([p + o for p, o in zip(picks, offsets, strict=True)])
+        out = picks[0]
+        for p, w in zip(picks[1:], widths[1:], strict=True):
+            out = (out[:, None] * w + p[None, :]).flatten()
+        return out
+
+    def teacher_width(self, plan: _Plan) -> int:
+        if plan.target is not None:
+            return self.t.spaces.width(plan.target)
+        widths = [self.teacher_width(m) for m in plan.members]
+        return math.prod(widths) if plan.kind == PROD else sum(widths)
+
+    # ---- copying ----
+    def tensor_indices(self, name: str, shape: tuple[int, ...]) -> list[torch.Tensor | None]:
+        """Per dim of student tensor `name`: the teacher indices it takes (None: all of them)."""
+        plans = self.dim_plans.get(name)
+        t_shape = tuple(self.t.flow.param_shapes.get(name, ()))
+        if plans is None:
+            if t_shape != shape:
+                raise PlanError(
+                    f"sample_from_teacher: {name} {shape} is not read by the student's forward and "
+                    f"the teacher's is {t_shape}: nothing says which part to take"
+                )
+            return [None] * len(shape)
+        out: list[torch.Tensor | None] = []
+        for d, plan in enumerate(plans):
+            index = self.indices(plan)
+            out.append(
+                None
+                if len(index) == t_shape[d] and torch.equal(index, torch.arange(t_shape[d]))
+                else index
+            )
+        return out
+
+    @torch.no_grad()
+    def copy(self) -> dict[str, list[torch.Tensor | None]]:
+        """Every parameter and persistent buffer of the student := the teacher's at the chosen
+        indices (input-side weights scaled as asked). Returns name -> per-dim indices."""
+        s_state = self.student.state_dict(keep_vars=True)
+        t_state = self.teacher.state_dict(keep_vars=True)
+        input_dims = self._input_dims()
+        done: dict[int, list[torch.Tensor | None]] = {}
+        taken: dict[str, list[torch.Tensor | None]] = {}
+        for name, tensor in s_state.items():
+            if name not in t_state:
+                raise PlanError(f"sample_from_teacher: the teacher has no {name}")
+            if id(tensor) in done:  # a tied tensor: sliced once
+                taken[name] = done[id(tensor)]
+                continue
+            source = t_state[name]
+            indices = self.tensor_indices(name, tuple(tensor.shape))
+            value = source
+            for d, index in enumerate(indices):
+                if index is not None:
+                    value = value.index_select(d, index.to(value.device))
+            d_in = input_dims.get(name)
+            if d_in is not None and indices[d_in] is not None:
+                value = value * _scale(source.shape[d_in] / tensor.shape[d_in], self.scale)
+            tensor.copy_(value.to(tensor.dtype))
+            done[id(tensor)] = taken[name] = indices
+        return taken
+
+    def _input_dims(self) -> dict[str, int]:
+        """Weight name -> its input dim, for the Linear / conv layers (what `scale` scales)."""
+        found = {}
+        for op in self.s.flow.ops.values():
+            weight = op.params.get("weight")
+            if weight and op.kind in _LINEAR_LIKE:
+                found[weight] = op.attrs.get("weight_in_axis", 1)
+        return found
+
+    # ---- refitting ----
+    @torch.no_grad()
+    def refit(self, inputs: tuple[Any, ...], ridge: float = 1e-3) -> list[str]:
+        """Refit every Linear / Conv2d (groups 1) layer whose inputs or outputs lost units, in
+        forward order, so that on the student's own inputs it reproduces the teacher's outputs at
+        the chosen units (ridge least squares). Returns the layers refitted."""
+        layers = self._refittable()
+        if not layers:
+            return []
+        t_modules = dict(self.teacher.named_modules())
+        targets: dict[str, torch.Tensor] = {}
+        handles = [
+            t_modules[path].register_forward_hook(
+                lambda m, a, o, path=path: targets.setdefault(path, o.detach())
+            )
+            for path in layers
+        ]
+        try:
+            with _eval(self.teacher):
+                self.teacher(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        s_modules = dict(self.student.named_modules())
+        done = []
+        with _eval(self.student):
+            for path, (axis, out_index, w_in, w_out) in layers.items():
+                seen: list[torch.Tensor] = []
+                module = s_modules[path]
+                h = module.register_forward_pre_hook(
+                    lambda m, a, seen=seen: seen.append(a[0].detach())
+                )
+                try:
+                    self.student(*inputs)
+                finally:
+                    h.remove()
+                if not seen:
+                    continue
+                target = targets[path]
+                if out_index is not None:
+                    target = target.index_select(axis, out_index.to(target.device))
+                if _fit(module, seen[0], target, ridge, w_in, w_out):
+                    done.append(path)
+        return done
+
+    def _refittable(self) -> dict[str, tuple[int, torch.Tensor | None, int, int]]:
+        """Layer path -> (output feature axis, teacher output indices, weight in/out dims) for
+        every layer the selection changed, in forward order, called once, weight not tied."""
+        flow = self.s.flow
+        readers = flow.param_readers()
+        found = {}
+        for op in flow.ops.values():
+            weight = op.params.get("weight")
+            if not op.module or not weight or op.kind not in _LINEAR_LIKE or not op.inputs:
+                continue
+            if op.kind == "conv" and (op.attrs.get("groups", 1) != 1 or len(op.shape or ()) != 4):
+                continue
+            if flow.module_calls.get(op.module, 1) != 1 or len(readers.get(weight, [])) != 1:
+                continue
+            if flow.param_aliases.get(weight):
+                continue  # tied: refitting here would rewrite the other use
+            axis = 1 if op.kind == "conv" else len(op.shape or ()) - 1
+            shape = tuple(self.s.flow.param_shapes[weight])
+            indices = self.tensor_indices(weight, shape)
+            if all(i is None for i in indices):
+                continue
+            w_in = op.attrs.get("weight_in_axis", 1)
+            w_out = op.attrs.get("weight_out_axis", 0)
+            found[op.module] = (axis, indices[w_out], w_in, w_out)
+        return found
 
 
 def _units(
-    n: int, k: int, generator: torch.Generator | None, scores: torch.Tensor | None, first: int
+    n: int, k: int, select: str, generator: torch.Generator | None, scores: torch.Tensor | None
 ) -> torch.Tensor:
-    """k of the n units first .. first+n-1 (as offsets, sorted): the top-scoring ones, or random."""
-    if scores is None:
+    """k of n units (sorted): the top-scoring ones, the first ones, or random ones."""
+    if select == "energy" and scores is not None and len(scores) == n:
+        return scores.topk(k).indices.sort().values
+    if select == "random":
         return torch.randperm(n, generator=generator)[:k].sort().values
-    return scores[first : first + n].topk(k).indices.sort().values
+    return torch.arange(k)
 
 
-def _refit(
-    student: nn.Module,
-    teacher: nn.Module,
-    inputs: tuple[Any, ...],
-    outs: dict[str, torch.Tensor],
-    ridge: float,
-) -> None:
-    fittable = {
-        name: m
-        for name, m in student.named_modules()
-        if name in outs
-        and (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
-    }
-    t_modules = dict(teacher.named_modules())
-    targets: dict[str, torch.Tensor] = {}
-    order: list[str] = []
-    handles = [
-        t_modules[name].register_forward_hook(
-            lambda m, a, o, name=name: targets.setdefault(name, o.detach())
-        )
-        for name in fittable
-    ]
-    handles += [
-        m.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
-        for name, m in fittable.items()
-    ]
-    modes = [(m, m.training) for m in (student, teacher)]
-    teacher_buffers = {name: b.clone() for name, b in teacher.named_buffers()}
-    student.train(), teacher.train()  # batch statistics: what the student trains with
-    try:
-        teacher(*inputs)
-        student(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.train(mode)
-        for name, b in teacher.named_buffers():  # the frozen teacher keeps its running statistics
-            b.copy_(teacher_buffers[name])
-    student.train()
-    try:
-        for name in dict.fromkeys(order):
-            m = fittable[name]
-            seen: list[torch.Tensor] = []
-            h = m.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].detach()))
-            try:
-                student(*inputs)
-            finally:
-                h.remove()
-            _fit(m, seen[0], targets[name].index_select(_axis(m), outs[name]), ridge)
-    finally:
-        for m, mode in modes:
-            m.train(mode)
+def _split_energy(
+    t: IndexSpaces, space: int, e: torch.Tensor
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """A space's per-index energy as per-unit energies of its leaves (summed over the others)."""
+    found = t.structure(space)
+    if found is None:
+        yield t.find(space), e
+        return
+    kind, members = found
+    widths = [t.width(m) for m in members]
+    if kind == CAT:
+        for m, part in zip(members, torch.split(e, widths), strict=True):
+            yield from _split_energy(t, m, part)
+        return
+    grid = e.reshape(widths)
+    for i, m in enumerate(members):
+        others = [d for d in range(len(widths)) if d != i]
+        yield from _split_energy(t, m, grid.sum(others) if others else grid)
 
 
-def _axis(m: nn.Module) -> int:
-    return 1 if isinstance(m, nn.Conv2d) else -1
-
-
-def _fit(m: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
-    """Ridge least squares for the weight (and bias) of `m` so that m(x) ~ y."""
+def _fit(
+    m: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float, w_in: int, w_out: int
+) -> bool:
+    """Ridge least squares for the weight (and bias) of `m` so that m(x) ~ y; False (nothing
+    changed) when the fit cannot be set up or is not finite."""
     if isinstance(m, nn.Conv2d):
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
-            return  # leave it as sampled
+            return False
         cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # [N, C*k*k, L]
         a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
         b = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
     else:
         a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     a, b = a.double(), b.double()
-    if m.bias is not None:
-        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    bias = getattr(m, "bias", None)
+    if bias is not None:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
     gram = a.T @ a
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    gram += ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     w = torch.linalg.solve(gram, a.T @ b).T  # [out, in (+1)]
-    if m.bias is not None:
-        m.bias.copy_(w[:, -1].to(m.bias.dtype))
+    if not torch.isfinite(w).all():
+        return False
+    if bias is not None:
+        bias.copy_(w[:, -1].to(bias.dtype))
         w = w[:, :-1]
-    m.weight.copy_(w.reshape(m.weight.shape).to(m.weight.dtype))
+    weight = m.weight
+    if isinstance(m, nn.Conv2d):
+        weight.copy_(w.reshape(weight.shape).to(weight.dtype))
+    else:
+        weight.copy_((w if (w_out, w_in) == (0, 1) else w.T).to(weight.dtype))
+    return True
 
 
-SCALES = ("fan_in", "sqrt", "none")
+@contextlib.contextmanager
+def _eval(*models: nn.Module) -> Iterator[None]:
+    """Every module in eval mode (no dropout, running statistics) for the block; modes restored."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _scale(ratio: float, how: str | float) -> float:
@@ -384,28 +497,22 @@ def _scale(ratio: float, how: str | float) -> float:
     raise PlanError(f"scale must be one of {SCALES} or an exponent, got {how!r}")
 
 
-def _features(channels: torch.Tensor, inner: int) -> torch.Tensor:
-    """Channel indices -> feature indices when each channel spans `inner` features (c*inner + j)."""
-    return (channels.unsqueeze(1) * inner + torch.arange(inner)).flatten()
+def _where(spaces: IndexSpaces, space: int) -> str:
+    """A space named by a tensor dim that carries it (or the spaces it is part of)."""
+    carriers = spaces.carriers(space)
+    if carriers:
+        name, dim = carriers[0]
+        return f"{name} dim {dim}"
+    for name, dims in spaces.dims.items():
+        for d, s in enumerate(dims):
+            if spaces.find(space) in {spaces.find(x) for x in [s, *spaces.leaves(s)]}:
+                return f"a part of {name} dim {d}"
+    return f"space {space}"
 
 
-def _in_features(m: nn.Module) -> int:
-    return m.in_features if isinstance(m, nn.Linear) else getattr(m, "in_channels", 1)
-
-
-def _copy_sampled(
-    s: nn.Module, t: nn.Module, kind: str, in_idx: torch.Tensor, out_idx: torch.Tensor, scale: float
-) -> None:
-    if kind in ("linear", "conv"):
-        s.weight.copy_(t.weight[out_idx][:, in_idx] * scale)
-    elif kind == "depthwise":
-        s.weight.copy_(t.weight[out_idx])
-    elif kind in ("batch_norm", "layer_norm"):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            if getattr(s, name, None) is not None:
-                getattr(s, name).copy_(getattr(t, name)[out_idx])
-        return
-    else:
-        raise PlanError(f"sample_from_teacher: no rule to sample a {type(s).__name__}")
-    if s.bias is not None:
-        s.bias.copy_(t.bias[out_idx])
+def _shape_text(spaces: IndexSpaces, space: int) -> str:
+    found = spaces.structure(space)
+    if found is None:
+        return str(spaces.width(space))
+    sep = " x " if found[0] == PROD else " + "
+    return "(" + sep.join(_shape_text(spaces, m) for m in found[1]) + ")"

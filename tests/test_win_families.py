@@ -1,0 +1,192 @@
+"""WIN on every layout the fold follows, with the library's defaults (Recipe(steps=N), nothing else
+set): Hugging Face models with their default configs (KV cache on, dropout, tied embeddings,
+ModelOutput returns), timm, and hand-written attention and convolutions in the layouts people
+write (a packed qkv split, a 3-way view permuted, raw nn.Parameter positions, GroupNorm, no norm).
+For each: win.win runs and returns a finite model of the student's class with its ties kept;
+win.widen doubles exactly the free widths; the start from an equal-width teacher reproduces it;
+win.narrow undoes win.widen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import FAMILIES, nano_gpt, tokens
+from torch import nn
+
+import surgery
+from surgery import win
+from surgery.analysis.widths import width_groups
+from surgery.win.start import recipe_start
+
+STEPS = 20
+
+
+def _out(model: nn.Module, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.eval()(*x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _ties(model: nn.Module) -> list[tuple[str, ...]]:
+    """Names sharing one parameter tensor."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return sorted(tuple(v) for v in names.values() if len(v) > 1)
+
+
+def _same_storage(model: nn.Module, tie: tuple[str, ...]) -> bool:
+    return len({model.get_parameter(n).data_ptr() for n in tie}) == 1
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request, one_thread):
+    torch.manual_seed(0)
+    fam = FAMILIES[request.param]
+    return request.param, fam.build(), fam.inputs(), fam.batches()
+
+
+def test_win_runs_with_the_defaults_and_keeps_ties(family):
+    name, student, x, batches = family
+    teacher = win.widen(student, 2.0, x)
+    result = win.win(student, teacher, batches, x, win.Recipe(steps=STEPS))
+    assert type(result.thin) is type(student)
+    assert torch.isfinite(_out(result.thin, x)).all(), name
+    assert _out(result.thin, x).shape == _out(student, x).shape
+    assert {s for chunk in result.stages for s in chunk}, name
+    for tie in _ties(student):  # tied embedding and head: one tensor in the paired and thin model
+        assert tie in _ties(result.thin) and _same_storage(result.thin, tie), (name, tie)
+        assert tie in _ties(result.paired) and _same_storage(result.paired, tie), (name, tie)
+    assert "own initialisation" in result.log.start  # the start's quality is reported
+    steps = sum(len(v) for v in result.log.stages.values())
+    assert steps == STEPS  # the budget, exactly
+
+
+def test_widen_doubles_exactly_the_free_widths(family):
+    name, student, x, _ = family
+    table = width_groups(student, x)
+    wide = win.widen(student, 2.0, x)
+    assert type(wide) is type(student)
+    assert _out(wide, x).shape == _out(student, x).shape  # classes / vocabulary stay
+    s_shapes = {k: v.shape for k, v in student.state_dict().items()}
+    w_shapes = {k: v.shape for k, v in wide.state_dict().items()}
+    assert s_shapes.keys() == w_shapes.keys()
+    doubled = 0
+    for tensor, dims in table.spaces.dims.items():
+        if tensor not in s_shapes:
+            continue
+        for d, space in enumerate(dims):
+            free = any(
+                table.spaces.space(leaf).frozen is None and table.spaces.width(leaf) > 1
+                for leaf in table.spaces.leaves(space)
+            )
+            ratio = w_shapes[tensor][d] / s_shapes[tensor][d]
+            assert ratio == (2 if free else 1), (name, tensor, d, ratio)
+            doubled += free
+    assert doubled, name
+    assert _ties(wide) == _ties(student)
+    if hasattr(student, "config"):  # every width field once: 2x, not 4x through an alias
+        for field in ("hidden_size", "intermediate_size", "num_attention_heads"):
+            if isinstance(getattr(student.config, field, None), int):
+                assert getattr(wide.config, field) == 2 * getattr(student.config, field), field
+
+
+def test_start_from_an_equal_width_teacher_reproduces_it(family):
+    name, student, x, batches = family
+    torch.manual_seed(1)
+    fresh = FAMILIES[name].build()  # another initialisation, the same widths
+    recipe = win.Recipe(steps=STEPS).for_model(fresh, x)
+    log = recipe_start(fresh, student, batches, x, recipe)
+    assert (_out(fresh, x) - _out(student, x)).abs().max() <= 1e-6, name
+    assert log.start["teacher's units"] <= 1e-9
+
+
+def test_narrow_undoes_widen(family):
+    name, student, x, _ = family
+    thin = win.narrow(win.widen(student, 2.0, x), 0.5, x)
+    assert type(thin) is type(student)
+    assert {k: v.shape for k, v in thin.state_dict().items()} == {
+        k: v.shape for k, v in student.state_dict().items()
+    }
+    assert torch.isfinite(_out(thin, x)).all()
+
+
+def test_narrow_a_hugging_face_model_saves_and_loads_its_config(tmp_path, one_thread):
+    transformers = pytest.importorskip("transformers")
+    fam = FAMILIES["hf-llama"]
+    model, x = fam.build(64, 8, 4), fam.inputs()
+    thin = win.narrow(model, 0.5, x)
+    assert (thin.config.hidden_size, thin.config.num_attention_heads) == (32, 4)
+    assert (thin.config.num_key_value_heads, thin.config.intermediate_size) == (2, 64)
+    thin.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(_out(loaded, x), _out(thin, x))
+    by_field = win.narrow(model, {"hidden_size": 48, "intermediate_size": 96}, x)
+    assert by_field.config.hidden_size == 48 and by_field.model.norm.weight.shape == (48,)
+    assert torch.isfinite(_out(by_field, x)).all()
+    with pytest.raises(surgery.PlanError, match="num_attention_heads"):  # 6 over 4 kv heads
+        win.narrow(model, {"num_attention_heads": 6}, x)
+
+
+def test_a_diverging_stage_is_rolled_back_and_the_result_is_finite(one_thread):
+    torch.manual_seed(0)
+    fam = FAMILIES["nano-gpt"]
+    student, x, batches = nano_gpt(), fam.inputs(), fam.batches()
+    teacher = win.widen(student, 2.0, x)
+    recipe = win.Recipe(steps=STEPS, finetune_lr=1e4)  # an absurd learning rate
+    result = win.win(student, teacher, batches, x, recipe)
+    assert any("fine-tune: diverged" in e and "rolled back" in e for e in result.log.events)
+    assert "0.1x its learning rate" in str(result.log)
+    assert torch.isfinite(_out(result.thin, x)).all()
+    assert all(torch.isfinite(p).all() for p in result.thin.parameters())
+
+
+def test_probes_read_tensors_not_model_outputs(one_thread):
+    """BertForSequenceClassification's `bert` and `bert.encoder` return ModelOutputs: a site there
+    reads h where it is a tensor (a layer's input or a module that returns one)."""
+    fam = FAMILIES["hf-bert-cls"]
+    student, x = fam.build(), fam.inputs()
+    teacher = win.widen(student, 2.0, x)
+    stages = win.plan_stages(student, teacher, x)
+    sites = [s for chunk in stages for s in chunk]
+    paired = surgery.insert_pairs(
+        student, x, wide=win.teacher_widths(teacher, x, sites), probes=sites, sites=[]
+    )
+    seen = {}
+    for site in paired.plan.sites:
+        module = paired.get_submodule(site.probe.module)
+        hook = (
+            module.register_forward_hook(lambda m, a, o, s=site.name: seen.setdefault(s, o))
+            if site.probe.where == "output"
+            else module.register_forward_pre_hook(
+                lambda m, a, s=site.name: seen.setdefault(s, a[0])
+            )
+        )
+        with torch.no_grad():
+            paired.eval()(*x)
+        hook.remove()
+    assert seen.keys() == set(sites) and all(isinstance(v, torch.Tensor) for v in seen.values())
+    objective = win.Imitation(paired, teacher, x, sites=sites)
+    assert torch.isfinite(objective(*x))
+
+
+def test_teacher_with_wider_heads_starts_a_student_of_the_same_head_count(one_thread):
+    """nanoGPT-style: a 2x teacher that keeps the head count (heads twice as wide). The student
+    takes every head and the same dims within each; q and k the same dims (they are dotted)."""
+    torch.manual_seed(0)
+    student, teacher = nano_gpt(32, 4).double(), nano_gpt(64, 4).double()
+    with torch.no_grad():  # every weight entry names its own (row, column): 1000 * row + column
+        for p in teacher.parameters():
+            if p.dim() == 2:
+                p.copy_(1000 * torch.arange(p.shape[0])[:, None] + torch.arange(p.shape[1]))
+    win.sample_from_teacher(student, teacher, (tokens(),), select="random")
+    for block in student.h:
+        rows = (block.attn.c_attn.weight[:, 0] // 1000).long()  # teacher rows of q, k, v
+        q, k, v = rows[:32], rows[32:64] - 64, rows[64:] - 128
+        for part in (q, k, v):
+            heads, within = part.view(4, 8) // 16, part.view(4, 8) % 16
+            assert torch.equal(heads, torch.arange(4)[:, None].expand(4, 8))  # every head
+            assert (within == within[:1]).all()  # the same dims in every head
+        assert torch.equal(q % 16, k % 16)  # q and k share their dims within heads
+        columns = (block.attn.c_proj.weight[0] % 1000).round().long()
+        assert torch.equal(columns, v)  # the output projection reads the value dims taken
