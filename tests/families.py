@@ -278,3 +278,173 @@ def tokens_like(n: int, seed: int) -> torch.Tensor:
 
 def images_like(n: int, seed: int) -> torch.Tensor:
     return images(n, seed=seed)
+
+
+# ---- more layouts of the same classes (beyond the issue's list) ----
+
+
+class EinsumAttention(nn.Module):
+    """Separate q, k, v, heads by einsum; a raw-parameter output projection `y @ self.w_o`."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(width, width, bias=False) for _ in range(3))
+        self.w_o = nn.Parameter(torch.randn(width, width) / width**0.5)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        h = self.heads
+        q, k, v = (f(x).reshape(B, T, h, C // h) for f in (self.q, self.k, self.v))
+        att = torch.einsum("bihd,bjhd->bhij", q, k).softmax(-1)
+        y = torch.einsum("bhij,bjhd->bihd", att, v).reshape(B, T, C)
+        return y @ self.w_o
+
+
+class MultiQueryAttention(nn.Module):
+    """One key/value head shared by every query head (expand, then attention)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * self.head_dim)
+        self.o = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 1, 2 * self.head_dim).transpose(1, 2).chunk(2, dim=-1)
+        k, v = (t.expand(B, self.heads, T, self.head_dim) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class RMSNorm(nn.Module):
+    """A user's own RMSNorm, written out (not a known layer: traced into)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale
+
+
+class ScaledBlock(nn.Module):
+    """Pre-norm block with a custom RMSNorm and layer scales (raw parameters times activations)."""
+
+    def __init__(self, width: int, heads: int, attention: type[nn.Module]):
+        super().__init__()
+        self.n1, self.n2 = RMSNorm(width), RMSNorm(width)
+        self.attn, self.mlp = attention(width, heads), Mlp(width)
+        self.g1 = nn.Parameter(torch.full((width,), 0.1))
+        self.g2 = nn.Parameter(torch.full((width,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.g1 * self.attn(self.n1(x))
+        return x + self.g2 * self.mlp(self.n2(x))
+
+
+class TokenGPT(nn.Module):
+    """Class token and two register tokens concatenated on the sequence axis, learned positions,
+    blocks of `attention`, a classifier on the class token."""
+
+    def __init__(
+        self, width: int = 32, heads: int = 4, attention: type[nn.Module] = EinsumAttention
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.reg = nn.Parameter(torch.zeros(1, 2, width))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, SEQ + 3, width))
+        self.blocks = nn.ModuleList(ScaledBlock(width, heads, attention) for _ in range(2))
+        self.norm = RMSNorm(width)
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        B = x.shape[0]
+        x = torch.cat([self.cls.expand(B, -1, -1), self.reg.expand(B, -1, -1), x], 1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+class Mixer(nn.Module):
+    """MLP-Mixer: token mixing by a Linear over the (transposed) sequence axis."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.tokens = nn.Sequential(nn.Linear(SEQ, 2 * SEQ), nn.GELU(), nn.Linear(2 * SEQ, SEQ))
+        self.channels = Mlp(width)
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        x = x + self.tokens(self.ln1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.channels(self.ln2(x))
+        return self.head(x.mean(1))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(c, max(c // 4, 1), 1), nn.Conv2d(max(c // 4, 1), c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.up(F.relu(self.down(x.mean((2, 3), keepdim=True)))))
+
+
+class DenseSENet(nn.Module):
+    """Channel concatenation (DenseNet), grouped convs (ResNeXt), depthwise convs and
+    squeeze-excitation gating, BatchNorm."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.grow = nn.Sequential(
+            nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, groups=2)
+        )
+        self.depthwise = nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2 * width)
+        self.se = SqueezeExcite(2 * width)
+        self.head = nn.Linear(2 * width, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.grow(x)], 1)
+        x = self.se(F.relu(self.depthwise(x)))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class TorchEncoder(nn.Module):
+    """torch.nn.TransformerEncoder (packed in_proj_weight, nn.MultiheadAttention)."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(1))
+
+
+def token_gpt(width: int = 32) -> nn.Module:
+    return TokenGPT(width, 4, EinsumAttention)
+
+
+def mqa_token_gpt(width: int = 32) -> nn.Module:
+    return TokenGPT(width, 4, MultiQueryAttention)
+
+
+MORE_FAMILIES: dict[str, Family] = {
+    "einsum-tokens-layerscale": Family(token_gpt, _lm, lambda: class_batches(tokens_like)),
+    "multi-query": Family(mqa_token_gpt, _lm, lambda: class_batches(tokens_like)),
+    "mlp-mixer": Family(Mixer, _lm, lambda: class_batches(tokens_like)),
+    "dense-grouped-se-cnn": Family(DenseSENet, _img, lambda: class_batches(images_like), width=8),
+    "torch-transformer": Family(TorchEncoder, _lm, lambda: class_batches(tokens_like)),
+}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, nano_gpt, tokens
+from families import FAMILIES, MORE_FAMILIES, nano_gpt, tokens
 from torch import nn
 
 import surgery
@@ -19,6 +19,11 @@ from surgery.analysis.widths import width_groups
 from surgery.win.start import recipe_start
 
 STEPS = 20
+# the families, and more members of the same classes (einsum attention with raw-parameter
+# projections and layer scales, class and register tokens, multi-query attention, a written-out
+# RMSNorm, MLP-Mixer, channel concatenation with grouped / depthwise convs and squeeze-excitation,
+# torch.nn.TransformerEncoder)
+ALL = {**FAMILIES, **MORE_FAMILIES}
 
 
 def _out(model: nn.Module, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -39,10 +44,10 @@ def _same_storage(model: nn.Module, tie: tuple[str, ...]) -> bool:
     return len({model.get_parameter(n).data_ptr() for n in tie}) == 1
 
 
-@pytest.fixture(params=list(FAMILIES))
+@pytest.fixture(params=list(ALL))
 def family(request, one_thread):
     torch.manual_seed(0)
-    fam = FAMILIES[request.param]
+    fam = ALL[request.param]
     return request.param, fam.build(), fam.inputs(), fam.batches()
 
 
@@ -94,7 +99,7 @@ def test_widen_doubles_exactly_the_free_widths(family):
 def test_start_from_an_equal_width_teacher_reproduces_it(family):
     name, student, x, batches = family
     torch.manual_seed(1)
-    fresh = FAMILIES[name].build()  # another initialisation, the same widths
+    fresh = ALL[name].build()  # another initialisation, the same widths
     recipe = win.Recipe(steps=STEPS).for_model(fresh, x)
     log = recipe_start(fresh, student, batches, x, recipe)
     assert (_out(fresh, x) - _out(student, x)).abs().max() <= 1e-6, name

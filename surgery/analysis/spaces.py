@@ -255,7 +255,13 @@ class IndexSpaces:
         return members
 
     def make(self, kind: str, members: Sequence[int]) -> int:
-        """A new space that is the product / concatenation of `members`."""
+        """A new space that is the product / concatenation of `members` (a product of one member
+        besides width-1 ones is that member)."""
+        if kind == PROD:
+            kept = [m for m in members if self.width(m) != 1]
+            if len(kept) <= 1:
+                return kept[0] if kept else self.new(1)
+            members = kept
         widths = [self.width(m) for m in members]
         total = math.prod(widths) if kind == PROD else sum(widths)
         i = self.new(total)
@@ -353,7 +359,8 @@ _POINTWISE = {"add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide",
               "heaviside", "xlogy", "prelu", "bool", "long", "int", "cpu", "cuda",
               "_assert_tensor_metadata", "sym_constrain_range_for_size", "erfinv", "deg2rad",
               "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
-              "frac", "positive", "negative", "subtract", "multiply", "divide"}  # fmt: skip
+              "frac", "positive", "negative", "subtract", "multiply", "divide", "bernoulli",
+              "bernoulli_", "uniform_", "normal_", "exponential_", "random_"}  # fmt: skip
 # operands that give only a dtype / device / shape, not values
 _DTYPE_ONLY = {"to": 1, "type_as": 1, "expand_as": 1, "view_as": 1, "reshape_as": 1}
 
@@ -427,7 +434,12 @@ class _Walk:
         shape = self.flow.param_shapes.get(name)
         if shape is None:
             return None
-        dims = tuple(self.s.new(n) for n in shape)
+        constant = (
+            f"{name} is computed when the model is built (not saved)"
+            if name in self.flow.constants
+            else None
+        )
+        dims = tuple(self.s.new(n, frozen=constant) for n in shape)
         for d, space in enumerate(dims):
             self.s.carry(space, name, d)
         for alias in [name, *self.aliases.get(name, [])]:
@@ -597,19 +609,19 @@ class _Walk:
         self._set([*ids, table[1]])
 
     def _norm(self, attrs: dict[str, Any]) -> None:
+        """A norm layer: its per-feature tensors (whatever their names: weight, scale, ...) sit on
+        axis 1 (GroupNorm, LocalResponseNorm) or on the last axes it normalises."""
         x = self._in()
-        if attrs.get("channels"):  # GroupNorm / LocalResponseNorm: over axis 1
+        if attrs.get("channels"):
             self._groups(x, attrs.get("groups"))
-            for role in ("weight", "bias"):
-                dims = self._param_of(role)
-                if dims and len(x) > 1:
-                    self._same(dims[0], x[1])
-        else:
-            for role in ("weight", "bias"):
-                dims = self._param_of(role)
-                if dims:
-                    for d, a in zip(dims, x[len(x) - len(dims) :], strict=True):
-                        self._same(d, a)
+        for name in self.op.params.values():
+            dims = self._param(name)
+            if not dims or len(dims) > len(x):
+                continue
+            on = [x[1]] if attrs.get("channels") and len(x) > 1 else x[len(x) - len(dims) :]
+            if len(on) == len(dims):
+                for d, a in zip(dims, on, strict=True):
+                    self._same(d, a)
         self._set(x)
 
     def _groups(self, x: tuple[int, ...], groups: Any) -> None:
@@ -687,6 +699,10 @@ class _Walk:
             self._cat(fn, args, kwargs)
         elif fn in ("select", "slice", "narrow", "select_copy", "slice_copy"):
             self._select(fn, args, kwargs)
+        elif fn in ("index", "index_select", "gather", "take_along_dim"):
+            self._index_op(fn, args, kwargs)
+        elif fn in ("pad", "constant_pad_nd"):
+            self._pad(args, kwargs)
         elif fn in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
                     "conv_transpose2d", "conv_transpose3d"):  # fmt: skip
             self._functional_conv(fn, args, kwargs)
@@ -1023,10 +1039,21 @@ class _Walk:
         self._index(src, self._shape(args[0]), index)
 
     def _index(self, src: tuple[int, ...], shape: tuple[int, ...], index: Any) -> None:
-        """x[index] with ints, slices, None and Ellipsis (advanced indexing is not followed)."""
+        """x[index] with ints, slices, None and Ellipsis, or one index tensor (a gather)."""
         items = list(index) if isinstance(index, tuple) else [index]
-        if any(isinstance(i, (Ref, list)) for i in items):
-            raise _NotFollowed("advanced (tensor) indexing")
+        tensors = [k for k, i in enumerate(items) if isinstance(i, (Ref, list))]
+        if tensors:
+            if len(tensors) > 1 or any(
+                i is not Ellipsis and i != slice(None)
+                for k, i in enumerate(items)
+                if k != tensors[0]
+            ):
+                raise _NotFollowed("advanced indexing by several tensors or mixed with slices")
+            k = tensors[0]
+            if Ellipsis in items[:k]:
+                k = len(shape) - (len(items) - 1 - k)
+            self._gathered(src, shape, k, items[tensors[0]])
+            return
         explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
         if Ellipsis in items:
             at = items.index(Ellipsis)
@@ -1047,6 +1074,19 @@ class _Walk:
                 out.append(self._slice(src[axis], shape[axis], item, out_shape[len(out)]))
             axis += 1
         self._set(out)
+
+    def _gathered(
+        self, src: tuple[int, ...], shape: tuple[int, ...], axis: int, index: Any
+    ) -> None:
+        """x[..., idx, ...] with one index tensor on `axis`: that axis is addressed by values
+        (frozen, like an embedding's rows); the index's axes take its place; the rest stay."""
+        if not 0 <= axis < len(shape):
+            raise _NotFollowed("an index tensor on an axis that could not be read")
+        self.s.freeze(src[axis], f"addressed by the values of an index tensor ({self.op.op})")
+        out_shape = tuple(self.op.shape or ())
+        idx_rank = len(out_shape) - len(shape) + 1
+        middle = self._fresh(out_shape[axis : axis + idx_rank], positional=True)
+        self._set([*src[:axis], *middle, *src[axis + 1 :]])
 
     def _slice(self, space: int, n: int, item: slice, size: int) -> int:
         """The space of x[start:stop] along an axis: all of it, or a part of it (the rest frozen
@@ -1135,6 +1175,51 @@ class _Walk:
             item = slice(start, end, step)
         size = (self.op.shape or ())[d]
         self._set([*src[:d], self._slice(src[d], shape[d], item, size), *src[d + 1 :]])
+
+    def _index_op(self, fn: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        src = self._axes(args[0]) if args else None
+        if src is None:
+            raise _NotFollowed("indexes an untraced tensor")
+        shape = self._shape(args[0])
+        if fn == "index":  # aten.index(x, [None, idx, None]): None keeps an axis
+            items = list(args[1]) if len(args) > 1 else []
+            items = [slice(None) if i is None else i for i in items]
+            self._index(src, shape, tuple(items))
+            return
+        d = _dim(args[1] if len(args) > 1 else kwargs.get("dim"), len(shape))
+        if d is None:
+            raise _NotFollowed("its dim could not be read")
+        if fn == "index_select":
+            self._gathered(src, shape, d, args[2] if len(args) > 2 else kwargs.get("index"))
+            return
+        out_shape = tuple(self.op.shape or ())  # gather: out[.., i, ..] = x[.., idx[.., i, ..], ..]
+        self.s.freeze(src[d], f"addressed by the values of an index tensor ({self.op.op})")
+        out = [
+            src[k]
+            if k != d and k < len(shape) and shape[k] == n
+            else self.s.new(n, positional=True)
+            for k, n in enumerate(out_shape)
+        ]
+        self._set(out)
+
+    def _pad(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """F.pad: (left, right) pairs from the last axis back; an axis padded by nothing stays, a
+        padded one is a new axis (frozen on features: padding channels is not a width)."""
+        src = self._axes(args[0]) if args else None
+        pads = args[1] if len(args) > 1 else kwargs.get("pad")
+        if src is None or not isinstance(pads, (list, tuple)) or len(pads) % 2:
+            raise _NotFollowed("a pad that could not be read")
+        out = list(src)
+        out_shape, in_shape = tuple(self.op.shape or ()), self._shape(args[0])
+        if len(out_shape) != len(in_shape):
+            raise _NotFollowed("a pad that changes the rank")
+        for i in range(min(len(pads) // 2, len(src))):
+            k = len(src) - 1 - i
+            if out_shape[k] == in_shape[k]:  # padded by nothing (the amounts may be computed)
+                continue
+            self._pick(src[k], in_shape[k], "padded")
+            out[k] = self.s.new(out_shape[k], positional=self.s.positional(src[k]))
+        self._set(out)
 
     def _matmul(self, fn: str, args: list[Any]) -> None:
         bias = None

@@ -271,6 +271,11 @@ def _finish(
             ]
         },
         returns_tensor=returns,
+        constants={
+            f"{path}.{name}" if path else name
+            for path, module in model.named_modules(remove_duplicate=False)
+            for name in module._non_persistent_buffers_set
+        },
     )
 
 

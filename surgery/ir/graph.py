@@ -101,6 +101,8 @@ class Dataflow:
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # module path -> whether every call of it returned one plain tensor (not a tuple/ModelOutput)
     returns_tensor: dict[str, bool] = field(default_factory=dict)
+    # buffers the model computes when it is built and does not save (rotary frequencies, ...)
+    constants: set[str] = field(default_factory=set)
 
     def users(self) -> dict[str, list[str]]:
         """Consumer ops of each op, in topological order (an op using a tensor twice appears twice)."""

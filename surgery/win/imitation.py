@@ -272,21 +272,21 @@ def least_squares_start(
     seen: dict[str, torch.Tensor] = {}
     handles = []
     plan = plan_of(paired)
+
+    def keep(site: str, value: torch.Tensor) -> None:  # a hook returning a value would replace it
+        seen.setdefault(site, value.detach())
+
     for s in imitation.sites:
         p = plan.site(s).probe
         module = paired.get_submodule(p.module)
         # prepend: read h before the pair's own hook on the same module maps it
         if p.where == "output":
             handles.append(
-                module.register_forward_hook(
-                    lambda m, a, o, s=s: seen.setdefault(s, o.detach()), prepend=True
-                )
+                module.register_forward_hook(lambda m, a, o, s=s: keep(s, o), prepend=True)
             )
         else:
             handles.append(
-                module.register_forward_pre_hook(
-                    lambda m, a, s=s: seen.setdefault(s, a[0].detach()), prepend=True
-                )
+                module.register_forward_pre_hook(lambda m, a, s=s: keep(s, a[0]), prepend=True)
             )
     try:
         paired(*inputs)

@@ -109,6 +109,13 @@ class Selection:
             for name, dims in self.s.spaces.dims.items()
             if len(self.t.spaces.dims.get(name, ())) == len(dims)
         }
+        self.axis_plans = {  # the outputs of the layers a refit may fit
+            op.name: [self._plan(a, b) for a, b in zip(axes, t_axes, strict=True)]
+            for op in self.s.flow.ops.values()
+            if op.kind in _LINEAR_LIKE
+            and (axes := self.s.spaces.axes.get(op.name)) is not None
+            and len(t_axes := self.t.spaces.axes.get(op.name, ())) == len(axes)
+        }
         self.chosen: dict[int, torch.Tensor] = {}  # student leaf -> teacher units (sorted)
         self.chosen_leading: dict[int, torch.Tensor] = {}  # teacher factor -> the one unit taken
         self.notes: list[str] = []  # what the log should say about the choice
@@ -288,15 +295,7 @@ class Selection:
                     f"the teacher's is {t_shape}: nothing says which part to take"
                 )
             return [None] * len(shape)
-        out: list[torch.Tensor | None] = []
-        for d, plan in enumerate(plans):
-            index = self.indices(plan)
-            out.append(
-                None
-                if len(index) == t_shape[d] and torch.equal(index, torch.arange(t_shape[d]))
-                else index
-            )
-        return out
+        return [self._taken(plan) for plan in plans]
 
     @torch.no_grad()
     def copy(self) -> dict[str, list[torch.Tensor | None]]:
@@ -346,10 +345,12 @@ class Selection:
             return []
         t_modules = dict(self.teacher.named_modules())
         targets: dict[str, torch.Tensor] = {}
+
+        def keep(path: str, out: torch.Tensor) -> None:  # returning it would replace the output
+            targets.setdefault(path, out.detach())
+
         handles = [
-            t_modules[path].register_forward_hook(
-                lambda m, a, o, path=path: targets.setdefault(path, o.detach())
-            )
+            t_modules[path].register_forward_hook(lambda m, a, o, path=path: keep(path, o))
             for path in layers
         ]
         try:
@@ -361,7 +362,7 @@ class Selection:
         s_modules = dict(self.student.named_modules())
         done = []
         with _eval(self.student):
-            for path, (axis, out_index, w_in, w_out) in layers.items():
+            for path, (out_indices, w_in, w_out) in layers.items():
                 seen: list[torch.Tensor] = []
                 module = s_modules[path]
                 h = module.register_forward_pre_hook(
@@ -374,14 +375,15 @@ class Selection:
                 if not seen:
                     continue
                 target = targets[path]
-                if out_index is not None:
-                    target = target.index_select(axis, out_index.to(target.device))
+                for axis, index in enumerate(out_indices):
+                    if index is not None:
+                        target = target.index_select(axis, index.to(target.device))
                 if _fit(module, seen[0], target, ridge, w_in, w_out):
                     done.append(path)
         return done
 
-    def _refittable(self) -> dict[str, tuple[int, torch.Tensor | None, int, int]]:
-        """Layer path -> (output feature axis, teacher output indices, weight in/out dims) for
+    def _refittable(self) -> dict[str, tuple[list[torch.Tensor | None], int, int]]:
+        """Layer path -> (teacher indices of each axis of its output, weight in/out dims) for
         every layer the selection changed, in forward order, called once, weight not tied."""
         flow = self.s.flow
         readers = flow.param_readers()
@@ -396,15 +398,22 @@ class Selection:
                 continue
             if flow.param_aliases.get(weight):
                 continue  # tied: refitting here would rewrite the other use
-            axis = 1 if op.kind == "conv" else len(op.shape or ()) - 1
             shape = tuple(self.s.flow.param_shapes[weight])
-            indices = self.tensor_indices(weight, shape)
-            if all(i is None for i in indices):
+            if op.name not in self.axis_plans or all(
+                i is None for i in self.tensor_indices(weight, shape)
+            ):
                 continue
+            axes = [self._taken(plan) for plan in self.axis_plans[op.name]]
             w_in = op.attrs.get("weight_in_axis", 1)
             w_out = op.attrs.get("weight_out_axis", 0)
-            found[op.module] = (axis, indices[w_out], w_in, w_out)
+            found[op.module] = (axes, w_in, w_out)
         return found
+
+    def _taken(self, plan: _Plan) -> torch.Tensor | None:
+        """A plan's teacher indices, None when it takes all of them in order."""
+        index = self.indices(plan)
+        width = self.teacher_width(plan)
+        return None if len(index) == width and torch.equal(index, torch.arange(width)) else index
 
 
 def _units(
