@@ -60,3 +60,19 @@ def test_inspect_never_folds_through_a_batchnorm_that_applies_an_activation(caps
     assert not any("producer through BatchNorm" in r[6] for r in rows)
     after_bn = next(r for r in rows if r[1] == "1")
     assert after_bn[6].startswith("refused") or after_bn[7].startswith("checked")
+
+
+def test_resnetv2_with_groupnorm_and_standardised_convs_shows_its_true_widths(capsys):
+    """timm's BiT ResNetV2 (GroupNormAct, StdConv2d): every boundary's feature axis is its
+    channels (a GroupNorm's output is channels-first), so each shows its width, not a spatial size."""
+    rows = _site_rows(
+        _inspect(capsys, "timm.models.resnetv2:resnetv2_50x1_bit", "--input-shape", "1x3x32x32")
+    )
+    by_site = {row[1]: row for row in rows}
+    widths = {"stages.0": "256", "stages.1": "512", "stages.2": "1024", "stages": "2048"}
+    for site, width in widths.items():
+        shape, axis, shown = by_site[site][3:6]
+        assert (axis, shown) == ("1", width) and shape.split("x")[1] == width, by_site[site]
+    for row in rows:
+        shape, axis, width = row[3].split("x"), row[4], row[5]
+        assert axis == "1" and shape[1] == width, row
