@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from surgery.errors import SurgeryError
 
@@ -17,8 +18,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.verify_ok else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's error format: one line, exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"surgery: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="surgery",
         description="Go Wide, Then Narrow: insert, train and fold widen/narrow pairs.",
     )
@@ -39,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        if isinstance(value, str) and "\x00" in value:
+            parser.error(f"--{name.replace('_', '-')} holds a NUL byte: not a path or name")
     try:
         return args.run(args)
     except SurgeryError as error:

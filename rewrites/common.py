@@ -22,8 +22,12 @@ class RuleContext:
 
 
 def where(op: Op) -> str:
-    """How people name an op: its module path, or the op and its node name."""
-    return op.module or f"{op.op} ({op.name})"
+    """How people name an op: its module path, or the op and its node name (and the module whose
+    forward it is in)."""
+    if op.module:
+        return op.module
+    inside = f" in {op.scope[-1]}" if op.scope else ""
+    return f"{op.op} ({op.name}{inside})"
 
 
 def unshared_reason(op: Op, ctx: RuleContext) -> str | None:

@@ -23,6 +23,7 @@ from .merged import MergedLayer, MixingCache, local_targets
 
 @dataclass
 class _Action:
+    site: str  # the plan's site this action runs the pair of
     pair: Pair
     placement: Placement
     apply: bool  # run M2 M1 on the tensor
@@ -101,6 +102,36 @@ class OutputPairs:
         return output
 
 
+def attached_mismatch(model: nn.Module, plan: Plan) -> str | None:
+    """Why the pairs running in `model` are not the ones `plan` names (None when they are): every
+    placement of every site must run, on its own module, the pair registered under the site's key,
+    of the site's widths (two same-width pairs swapped in memory would fold into each other's
+    layers)."""
+    pairs = getattr(model, "pairs", None)
+    if not isinstance(pairs, PairDict):
+        return "it holds no pairs"
+    running: dict[tuple[str, str, str], list[_Action]] = {}
+    for path, module in model.named_modules():
+        hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        for hook in hooks:
+            for action in getattr(hook, "actions", []):
+                where = "input" if isinstance(hook, InputPairs) else "output"
+                running.setdefault((action.site, path, where), []).append(action)
+    for site in plan.sites:
+        own = pairs._modules.get(site.key)
+        if own is None or (own.d, own.D) != (site.d, site.D):
+            return f"site {site.name!r} has no pair of {site.d} -> {site.D} under key {site.key!r}"
+        places = [*site.route.placements, *([site.probe] if site.probe else [])]
+        for p in places:
+            actions = running.get((site.name, p.module, p.where), [])
+            if not actions or any(a.pair is not own for a in actions):
+                return (
+                    f"the pair running at {p.module} ({p.where}) for site {site.name!r} is not "
+                    f"the one under its key {site.key!r}"
+                )
+    return None
+
+
 def _same_place(a: Placement, b: Placement) -> bool:
     return (a.module, a.where, a.axis, a.inner, a.outer) == (
         b.module,
@@ -126,11 +157,11 @@ def attach(model: nn.Module, plan: Plan, pairs: PairDict) -> None:
                 site.route.targets, model.get_submodule(placement.module), placement.module
             )
             hooks.setdefault((placement.module, placement.where), []).append(
-                _Action(pair, placement, True, record, cache, targets)
+                _Action(site.name, pair, placement, True, record, cache, targets)
             )
         if site.probe is not None and not probe_seen:
             hooks.setdefault((site.probe.module, site.probe.where), []).append(
-                _Action(pair, site.probe, False, True, cache)
+                _Action(site.name, pair, site.probe, False, True, cache)
             )
     for (path, where), actions in hooks.items():
         module = model.get_submodule(path)

@@ -73,6 +73,14 @@ class Site:
     params: dict[str, str]  # "widen.weight" -> state_dict key in the paired model
 
 
+MAX_SIZE = 2**40  # no tensor dim a plan describes is this large: a larger one is corrupted
+
+
+def _sizes(shape: list[int], what: str) -> None:
+    if any(n < 0 or n > MAX_SIZE for n in shape):
+        raise ValueError(f"{what} {shape} holds a negative or impossibly large size")
+
+
 def pair_param_name(key: str, role: str) -> str:
     """The state_dict key of a pair tensor: `pairs.<site key>.<role>` (role e.g. widen.weight)."""
     return f"pairs.{key}.{role}"
@@ -113,6 +121,22 @@ class Plan:
             twice = sorted({v for v in values if values.count(v) > 1})
             if twice:
                 raise ValueError(f"the {what} {twice[0]!r} appears twice: each site must be unique")
+        for shape in self.example_shapes:
+            _sizes(shape, "example_shapes")
+        for site in self.sites:
+            _sizes(site.shape, f"site {site.name!r} shape")
+            if site.d < 1 or site.D < 1 or not 0 <= site.feature_axis < max(len(site.shape), 1):
+                raise ValueError(
+                    f"site {site.name!r}: widths d={site.d}, D={site.D} and feature axis "
+                    f"{site.feature_axis} do not fit its shape {site.shape}"
+                )
+            placements = list(site.route.placements) + ([site.probe] if site.probe else [])
+            for p in placements:
+                if p.where not in ("input", "output") or p.axis < 0 or p.outer < 1 or p.inner < 1:
+                    raise ValueError(f"site {site.name!r}: a placement {p} that cannot be applied")
+            for t in site.route.targets:
+                if t.axis < 0 or t.out_axis < 0 or t.outer < 1 or t.inner < 1 or t.groups < 1:
+                    raise ValueError(f"site {site.name!r}: a target {t} with impossible sizes")
         targets = {n for s in self.sites for t in s.route.targets for n in t.params.values()}
         for site in self.sites:
             expected = {

@@ -346,3 +346,162 @@ def test_a_shape_whose_element_count_overflows_int64_is_refused(capsys, paired, 
     )
     with pytest.raises(CheckpointError, match="more elements than int64"):
         load(crafted)
+
+
+def test_pairs_swapped_in_memory_are_refused_not_folded(one_thread):
+    """Two same-width sites whose pairs were swapped after insert_pairs: the paired forward runs
+    one pair where the state dict names the other; the fold refuses instead of folding wrong."""
+    import torch
+    from small_models import mlp
+
+    model = mlp([8, 16, 16, 16, 4]).eval()
+    x = torch.randn(3, 8)
+    paired = surgery.insert_pairs(model, x, init="random")
+    keys = [s.key for s in paired.plan.sites][:2]
+    modules = paired.pairs._modules
+    modules[keys[0]], modules[keys[1]] = modules[keys[1]], modules[keys[0]]
+    with pytest.raises(FoldError, match="is not the one under its key"):
+        surgery.fold(paired)
+
+
+# ---------------------------------------------------------------- outputs that are not files
+
+
+def test_an_out_that_is_a_device_or_pipe_is_refused_and_left_alone(capsys, paired, tmp_path):
+    """--out naming a named pipe, a character device (made here, as /dev/full is one) or a link
+    to one: refused before anything is written; the node is untouched."""
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    targets = [fifo]
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(fifo)
+    targets.append(link)
+    try:
+        device = tmp_path / "full"
+        os.mknod(device, stat.S_IFCHR | 0o600, os.makedev(1, 7))  # the numbers of /dev/full
+        targets.append(device)
+    except PermissionError:
+        pass  # not root: the pipe and the link stand for it
+    for target in targets:
+        code, lines = _run(capsys, "fold", paired, "--out", target)
+        assert code == 2 and len(lines) == 1 and "not a file" in lines[0], lines
+        assert not stat.S_ISREG(os.stat(target).st_mode)  # still the node it was
+    assert link.is_symlink()
+
+
+def test_a_full_disk_leaves_nothing_and_exits_2(capsys, paired, tmp_path, monkeypatch):
+    import errno
+
+    from surgery.files import tensorfile
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorfile, "_write_at", full)
+    before = _snapshot(tmp_path)
+    for out in (tmp_path / "thin.safetensors", tmp_path / "made" / "thin"):
+        code, lines = _run(capsys, "fold", paired, "--out", out)
+        assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert _snapshot(tmp_path) == before  # no temporary, no directory made for it
+
+
+def test_racing_writers_of_one_directory_end_with_one_result_and_one_refusal(
+    capsys, paired, tmp_path, monkeypatch
+):
+    """Two folds to one directory --out: the second to finish finds the first's result in place;
+    it is refused with one line and the first's output stays whole."""
+    from surgery.files import outputs
+
+    out = tmp_path / "thin"
+    real = outputs._replace
+    raced: list[int] = []
+
+    def replace(temp, target, shown):
+        if not raced:  # while this run is about to rename, another process completes first
+            other = subprocess.run(
+                [sys.executable, "-m", "surgery.cli.main", "fold", str(paired), "--out", str(out)],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            raced.append(other.returncode)
+        real(temp, target, shown)
+
+    monkeypatch.setattr(outputs, "_replace", replace)
+    code, lines = _run(capsys, "fold", paired, "--out", out)
+    assert raced == [0]
+    assert code == 2 and len(lines) == 1 and "written by another run" in lines[0], lines
+    monkeypatch.setattr(outputs, "_replace", real)
+    reference = tmp_path / "reference.safetensors"
+    assert main(["fold", str(paired), "--out", str(reference)]) == 0
+    folded = load_file(out / "model.safetensors")
+    assert folded.keys() == load_file(reference).keys()
+    assert all((folded[k] == v).all() for k, v in load_file(reference).items())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_distributed_save_onto_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+    from small_models import mlp
+    from torch.distributed.checkpoint import filesystem
+
+    paired = surgery.insert_pairs(mlp(MLP_SIZES).eval(), (torch.randn(2, 8),), init="random")
+    real = filesystem._write_item
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem, "_write_item", full)
+    with pytest.raises(CheckpointError, match="No space left"):
+        surgery.save(paired, tmp_path / "dcp", distributed=True)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(filesystem, "_write_item", real)
+    surgery.save(paired, tmp_path / "dcp", distributed=True)  # and it works once there is space
+    assert {p.name for p in (tmp_path / "dcp").iterdir()} >= {".metadata", "surgery.json"}
+
+
+# ---------------------------------------------------------------- plans and indexes as records
+
+
+def test_a_plan_with_infinity_or_wrong_types_is_one_line(capsys, paired, tmp_path):
+    """Every field of a plan is typed and bounded: Infinity in example_shapes (read by --verify),
+    a string where a width goes, a negative size: exit 2, one line, nothing written."""
+    stored = safetensors_metadata(paired)[PLAN_KEY]
+    cases = {
+        "infinity": stored.replace('"example_shapes": [[', '"example_shapes": [[Infinity, ', 1),
+        "a string width": json.dumps(
+            {**json.loads(stored), "sites": [{**json.loads(stored)["sites"][0], "d": "16"}]}
+        ),
+        "a negative size": json.dumps({**json.loads(stored), "example_shapes": [[-2, 8]]}),
+    }
+    for what, text in cases.items():
+        bad = tmp_path / f"{what}.safetensors"
+        save_file(load_file(paired), bad, metadata={**safetensors_metadata(paired), PLAN_KEY: text})
+        args = ("fold", bad, "--out", tmp_path / "t.safetensors", "--verify")
+        _refused(capsys, tmp_path, "plan is not valid", *args)
+
+
+def test_a_plan_placing_a_pair_on_a_module_the_model_lacks_is_one_line(capsys, paired, tmp_path):
+    def elsewhere(plan):
+        plan["sites"][0]["route"]["placements"][0]["module"] = "no.such.module"
+
+    bad = _with_plan(paired, tmp_path / "bad.safetensors", elsewhere)
+    args = ("fold", bad, "--out", tmp_path / "t.safetensors", "--verify", "--trust-source")
+    _refused(capsys, tmp_path, "no.such.module", *args)
+    with pytest.raises(surgery.PlanError, match="no.such.module"):
+        load(bad, trust_source=True)
+
+
+def test_an_index_naming_a_tensor_twice_is_refused_whatever_the_order(capsys, paired, tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(paired.read_bytes())
+    names = list(load_file(paired))
+    entries = [f'"{n}": "model.safetensors"' for n in names]
+    for twice in (f'"{names[0]}": "other.safetensors"', entries[0]):  # last wins, or first
+        for order in (entries + [twice], [twice] + entries):
+            text = '{"metadata": {}, "weight_map": {' + ", ".join(order) + "}}"
+            (folder / "model.safetensors.index.json").write_text(text)
+            _refused(capsys, tmp_path, "named twice", "fold", folder, "--out", tmp_path / "t")

@@ -60,6 +60,22 @@ class BlockTable(list):
         self.flow = flow
         self.bias = bias
 
+    def hidden_notes(self) -> list[str]:
+        """What other outputs hide: the boundaries on one output's way that another output
+        branching off before them takes out of the table, and which output does."""
+        notes = []
+        for out, others in hidden_by_outputs(self.flow).items():
+            hidden = [
+                c for c in cut_tensors(self.flow, out) if c not in set(cut_tensors(self.flow))
+            ]
+            notes.append(
+                f"{len(hidden)} tensors all of the flow to output {_describe(self.flow, out)} "
+                f"passes are hidden by the output {', '.join(_describe(self.flow, o) for o in others)}, "
+                "which branches off before them: return it from after them, or drop it, to get "
+                "their boundaries"
+            )
+        return notes
+
     @property
     def names(self) -> list[str]:
         return [b.name for b in self]
@@ -78,7 +94,7 @@ class BlockTable(list):
                 "outputs, so the model has no block boundary (an encoder-decoder, or inputs that "
                 "reach the outputs by separate paths, e.g. through cross-attention): this surgery "
                 "has no site to offer for it yet"
-            )
+            ) + "".join(f"; {note}" for note in self.hidden_notes())
         refused = [b for b in self if not b.foldable][:5]
         return "; ".join(f"{b.name}: {b.reason or 'no rule applies'}" for b in refused) or (
             "the boundaries that fold are all inside blocks: name them in sites="
@@ -138,7 +154,8 @@ class BlockTable(list):
             self.rows(),
             caption=f"{len(self.foldable)} of {len(self)} boundaries fold exactly"
             + (" with a pair bias" if self.bias else "")
-            + ("" if self else f": {self.why_no_sites}"),
+            + ("" if self else f": {self.why_no_sites}")
+            + ("".join(f"; {note}" for note in self.hidden_notes()) if self else ""),
         )
 
     def __repr__(self) -> str:
@@ -197,21 +214,44 @@ def _sublayer_sites(
     """Where a block's output cannot take a pair (a pre-LN residual stream feeds only a norm and an
     add), the sites inside the block that can: each norm output (read by q/k/v or the MLP's input
     projections) and each Linear output written into the residual add (attention output and MLP
-    down projections, folded on the producer side)."""
+    down projections, folded on the producer side). A block is the module the boundary ends, or
+    the ops since the previous boundary when they all sit in one container (blocks written as an
+    nn.ModuleDict or nn.ModuleList of layers, called from the parent's forward)."""
     taken = {b.tensor for b in boundaries}
-    blocks = {
-        b.name for b in boundaries if not b.foldable and flow.module_kinds.get(b.name) == "block"
-    }
-    graph = dataflow_graph(flow) if blocks else nx.DiGraph()
+    order = {name: i for i, name in enumerate(flow.ops)}
+    names = list(flow.ops)
+    inside: set[str] = set()
+    previous = -1
+    for b in sorted(boundaries, key=lambda b: order[b.tensor]):
+        segment = names[previous + 1 : order[b.tensor] + 1]
+        previous = order[b.tensor]
+        if b.foldable:
+            continue
+        if flow.module_kinds.get(b.name) == "block":
+            inside.update(o.name for o in flow.ops.values() if b.name in o.scope)
+        elif _one_container(flow, segment):
+            inside.update(segment)
+    graph = dataflow_graph(flow) if inside else nx.DiGraph()
     found = []
-    for op in flow.ops.values():
-        if op.name in taken or not op.shape or not blocks.intersection(op.scope):
+    for name in names:
+        op = flow.ops[name]
+        if name in taken or name not in inside or not op.shape:
             continue
         if op.kind == "norm" or (op.kind == "linear" and _writes_residual(op.name, ctx, graph)):
             site = _boundary(flow, [op.name], axes, ctx, in_block=True)
             if site.foldable:
                 found.append(site)
     return found
+
+
+def _one_container(flow: Dataflow, segment: list[str]) -> bool:
+    """Whether the module calls among `segment` all sit in one container module (ModuleDict,
+    ModuleList, Sequential) other than the root: the layers of one block held in a container."""
+    paths = [flow.ops[n].module for n in segment if flow.ops[n].module]
+    if not paths:
+        return False
+    containers = [p for p in flow.module_kinds if flow.module_kinds[p] == "container"]
+    return any(all(q.startswith(c + ".") for q in paths) for c in containers)
 
 
 def _writes_residual(
@@ -244,20 +284,47 @@ def dataflow_graph(flow: Dataflow) -> nx.DiGraph:
     return graph.subgraph(nx.descendants(graph, source) | {source}).copy()
 
 
-def cut_tensors(flow: Dataflow) -> list[str]:
-    """Single-tensor cuts between the activation input and the outputs, in forward order."""
+def cut_tensors(flow: Dataflow, to: str = _SINK) -> list[str]:
+    """Single-tensor cuts between the activation input and the outputs (or the one output `to`),
+    in forward order."""
     if not flow.inputs:
         return []
     graph = dataflow_graph(flow)
-    if _SINK not in graph:
+    if to not in graph:
         return []
     idom = nx.immediate_dominators(graph, flow.inputs[0])
     chain = []
-    node = idom[_SINK]
+    node = idom[to]
     while node != flow.inputs[0]:
         chain.append(node)
         node = idom[node]
     return [n for n in reversed(chain) if n not in flow.outputs]
+
+
+def _describe(flow: Dataflow, name: str) -> str:
+    op = flow.ops[name]
+    shape = "x".join(map(str, op.shape or ()))
+    return f"{op.module or name} ({shape})"
+
+
+def hidden_by_outputs(flow: Dataflow) -> dict[str, list[str]]:
+    """Output -> the other outputs that hide the cuts on its own way from the input: tensors all
+    of its flow passes but another output's flow branches off before (e.g. a model that also
+    returns its embeddings hides every block boundary of the logits)."""
+    if len(flow.outputs) < 2:
+        return {}
+    graph = dataflow_graph(flow)
+    common = set(cut_tensors(flow))
+    found = {}
+    for out in flow.outputs:
+        own = [c for c in cut_tensors(flow, out) if c not in common]
+        if own:
+            found[out] = [
+                o
+                for o in flow.outputs
+                if o != out and not any(nx.has_path(graph, c, o) for c in own[:1])
+            ]
+    return {o: others for o, others in found.items() if others}
 
 
 def _boundary_groups(flow: Dataflow, axes: dict[str, int]) -> list[list[str]]:

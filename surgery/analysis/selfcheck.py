@@ -53,6 +53,13 @@ def self_check(model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         probe = _Probe(model, inputs, table)
+        unsteady = probe.random_in_eval()
+        if unsteady:
+            for boundary in candidates:
+                boundary.reason = unsteady
+                boundary.route = None
+                boundary.checked = "failed: the model is not deterministic"
+            return table
         joint, why = probe.error(candidates)
         refused = _bisect(probe, candidates, joint, why)
         if refused:
@@ -104,6 +111,25 @@ class _Probe:
             self.model, self.inputs = copy.deepcopy(self.original).eval(), self.original_inputs
             self.dtype_name, self.tolerance = "float32", TOLERANCE[torch.float32]
             return True
+
+    def random_in_eval(self) -> str | None:
+        """Why no fold can be proven on this model: two runs on the same inputs differ in eval
+        mode (MC dropout, random masking): None when they agree."""
+        try:
+            with torch.no_grad():
+                first, second = (_leaves(self.model(*self.inputs)) for _ in range(2))
+        except Exception:  # noqa: BLE001 - a model that cannot run here is refused by `error`
+            return None
+        differ = len(first) != len(second) or any(
+            _relative(a, b) > self.tolerance for a, b in zip(first, second, strict=False)
+        )
+        if not differ:
+            return None
+        return (
+            "the model is not deterministic in eval mode (two runs on the same inputs differ): "
+            "no fold can be proven on it; make its eval forward deterministic (no dropout or "
+            "random masking under model.eval()) or pass check=False"
+        )
 
     def error(self, sites: Sequence[Boundary]) -> tuple[float, str]:
         """Normwise relative error of fold vs paired with random pairs on `sites` (inf and the

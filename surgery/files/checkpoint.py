@@ -214,12 +214,19 @@ def _open_sharded(index_path: Path, plan: Plan | None) -> Checkpoint:
         index = parse_json(index_path.read_text())
         weight_map, metadata = index["weight_map"], index.get("metadata") or {}
         assert isinstance(weight_map, dict) and isinstance(metadata, dict)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
+    except ValueError as error:
+        raise CheckpointError(f"{index_path}: not a safetensors index ({error})") from None
+    except (OSError, KeyError, TypeError, AttributeError, AssertionError):
         raise CheckpointError(
             f"{index_path}: not a safetensors index (JSON with a weight_map object)"
         ) from None
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+        if (
+            not isinstance(shard, str)
+            or shard in ("", ".", "..")
+            or "\x00" in shard
+            or Path(shard).name != shard
+        ):
             raise CheckpointError(
                 f"{index_path}: the weight_map sends {name!r} to shard {shard!r}, which is not a "
                 "file name beside it"
@@ -453,8 +460,12 @@ def save(
 
 
 def _save_dcp(module: nn.Module, directory: Path, source: Source | None) -> Path:
+    """A DCP directory written atomically: every rank writes its shards into one temporary
+    directory beside `directory` (made by rank 0), rank 0 adds surgery.json and renames it into
+    place; on any failure (a full disk on one rank) the temporary is removed and nothing is left."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(
@@ -463,13 +474,54 @@ def _save_dcp(module: nn.Module, directory: Path, source: Source | None) -> Path
     plain = sharded.plain_copy(module) if sharded.is_sharded(module) else module
     metadata = _metadata(getattr(plain, "plan", None), source or source_of_model(plain))
     distributed = dist.is_initialized() and dist.get_world_size() > 1
-    dcp.save(module.state_dict(), checkpoint_id=str(directory), no_dist=not distributed)
-    if not distributed or dist.get_rank() == 0:
-        with atomic_output(directory / DCP_METADATA) as tmp:
-            Path(tmp).write_text(json.dumps(metadata, indent=1, sort_keys=True))
+    lead = not distributed or dist.get_rank() == 0
+    with contextlib.ExitStack() as stack:
+        found: list[Any] = [None]
+        if lead:
+            try:
+                found = [str(stack.enter_context(atomic_output(directory, directory=True)))]
+            except CheckpointError as error:
+                found = [error]
+        if distributed:
+            dist.broadcast_object_list(found, src=0)
+        if isinstance(found[0], CheckpointError):
+            raise CheckpointError(str(found[0]))
+        temp = Path(found[0])
+        failed: BaseException | None = None
+        try:
+            dcp.save(module.state_dict(), checkpoint_id=str(temp), no_dist=not distributed)
+        except (Exception, CheckpointException) as error:  # noqa: BLE001 - all ranks decide below
+            failed = error  # (DCP's CheckpointException is a BaseException)
+        if distributed:
+            flag = torch.tensor([0.0 if failed is None else 1.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            failed = failed or (
+                RuntimeError("another rank failed to save") if flag.item() else None
+            )
+        if failed is not None:
+            cause = _os_error(failed)
+            if cause is not None:
+                raise CheckpointError(
+                    f"cannot write {directory}: {cause.strerror or cause}; nothing was written"
+                ) from None
+            raise failed
+        if lead:
+            (temp / DCP_METADATA).write_text(json.dumps(metadata, indent=1, sort_keys=True))
     if distributed:
         dist.barrier()
     return directory
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The file-system error behind a failure of dcp.save (it wraps each rank's exception in a
+    CheckpointException whose `failures` map ranks to (exception, traceback))."""
+    if isinstance(error, OSError):
+        return error
+    for failure in getattr(error, "failures", {}).values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, OSError):
+            return cause
+    return None
 
 
 def _metadata(plan: Plan | None, source: Source | None) -> dict[str, str]:

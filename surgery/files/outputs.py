@@ -9,6 +9,7 @@ the next run writing the same destination.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -30,6 +31,7 @@ def atomic_output(
     rename (a check of the output before it replaces anything)."""
     target = Path(path).absolute()
     refuse_overwrite(target, inputs)
+    refuse_special(target, path)
     if directory and target.is_dir() and any(target.iterdir()):
         raise CheckpointError(
             f"{path} is a directory that is not empty: remove it or choose another --out"
@@ -60,15 +62,49 @@ def atomic_output(
             temp.chmod(0o755)
         else:
             temp.chmod(0o644)
-        os.replace(temp, target)
+        _replace(temp, target, path)
         _fsync(target.parent)
-    except BaseException:
+    except BaseException as error:
         if directory:
             shutil.rmtree(temp, ignore_errors=True)
         else:
             temp.unlink(missing_ok=True)
         _remove_made(created)
+        if isinstance(error, OSError):  # a full disk, a read-only file system, ...
+            where = f" ({error.filename})" if error.filename else ""
+            raise CheckpointError(
+                f"cannot write {path}: {error.strerror or error}{where}; nothing was written"
+            ) from None
         raise
+
+
+def _replace(temp: Path, target: Path, shown: str | os.PathLike[str]) -> None:
+    """Rename the finished temporary onto the target; another writer that finished the same
+    directory first keeps its result, and this one is refused cleanly."""
+    try:
+        os.replace(temp, target)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+            raise CheckpointError(
+                f"{shown} was written by another run while this one ran: that result is kept; "
+                "choose another --out"
+            ) from None
+        raise
+
+
+def refuse_special(target: Path, shown: str | os.PathLike[str]) -> None:
+    """Refuse an output path that exists as something other than a regular file or a directory
+    (a device, a named pipe, a socket, or a symbolic link to one): writing there would replace it."""
+    try:
+        mode = target.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there (a parent that is a file is refused when parents are made)
+    except OSError as error:
+        raise CheckpointError(f"cannot use {shown} as an output: {error.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise CheckpointError(
+            f"{shown} is a device, pipe or socket, not a file: choose an output file path"
+        )
 
 
 def refuse_overwrite(target: Path, inputs: Iterable[str]) -> None:
@@ -111,6 +147,8 @@ def regular_input(path: str | os.PathLike[str], what: str = "input") -> Path:
         raise CheckpointError(f"{what} {found} does not exist") from None
     except OSError as error:
         raise CheckpointError(f"cannot read the {what} {found}: {error.strerror}") from None
+    except ValueError:  # a NUL byte in the name
+        raise CheckpointError(f"the {what} name {str(found)!r} holds a NUL byte") from None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise CheckpointError(
             f"{what} {found} is not a regular file or directory (a pipe, device or socket): "

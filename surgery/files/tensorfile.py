@@ -132,7 +132,7 @@ def _read_header(fd: int, path: str) -> tuple[dict[str, Entry], dict[str, str]]:
         )
     raw = os.pread(fd, length, 8)
     try:
-        header = parse_json(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = parse_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
         raise CheckpointError(
             f"{path}: the header is not valid JSON ({error}): a corrupted or non-safetensors file"
@@ -162,14 +162,6 @@ def _read_header(fd: int, path: str) -> tuple[dict[str, Entry], dict[str, str]]:
             f"{size - data_start:,} ({what}): re-save or re-download it"
         )
     return {e.name: e for e in entries}, metadata
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        raise ValueError(f"keys named twice: {', '.join(twice)}")
-    return dict(pairs)
 
 
 def _entry(name: str, spec: object, path: str, data_start: int) -> Entry:

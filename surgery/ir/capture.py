@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import os
@@ -289,8 +290,8 @@ def _fx_dataflow(
     calls: dict[str, set[str]] = {}
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op == "output":
-            outputs = [n.name for n in node.all_input_nodes if n.name in ops]
+        if node.op == "output":  # the tensors anywhere in what forward returns (dataclasses too)
+            outputs = [n.name for n in dict.fromkeys(_returned(node.args, ops))]
             continue
         meta = node.meta.get("tensor_meta")
         if node.op == "get_attr" or meta is None:
@@ -331,6 +332,7 @@ def _fx_dataflow(
                     for role, arg in zip(("weight", "bias"), node.args[1:], strict=False)
                     if isinstance(arg, fx.Node) and arg.op == "get_attr"
                 }
+                kind, attrs = normalize.layer_reads_parameters(kind, attrs, params)
         else:  # call_method
             n_tensors = len(tensor_inputs) + len(param_args)
             kind, attrs = normalize.classify_method(
@@ -366,6 +368,32 @@ def _fx_dataflow(
         inputs,
         returns,
     )
+
+
+def _returned(value: Any, ops: dict[str, Op]) -> list[fx.Node]:
+    """The tensor nodes a forward returns, through the containers it builds them into (a
+    dataclass or NamedTuple constructed in forward is a call of its class in the trace)."""
+    found = []
+    for n in _nodes_in(value):
+        if n.name in ops:
+            found.append(n)
+        elif n.op == "call_function" and isinstance(n.target, type):
+            found.extend(_returned((n.args, n.kwargs), ops))
+    return found
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    """The graph nodes inside a returned value: tensors in tuples, lists, dicts (ModelOutput) and
+    dataclass instances, in order."""
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _nodes_in(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _nodes_in(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [n for f in dataclasses.fields(value) for n in _nodes_in(getattr(value, f.name))]
+    return []
 
 
 def _fx_call(node: fx.Node, ops: dict[str, Op]) -> dict[str, Any]:
@@ -641,6 +669,7 @@ def _aten_op(
         1 for n in node.all_input_nodes if _resolve(n, same) in ops or n.name in param_names
     )
     kind, attrs = normalize.classify_aten(node.target, node.args, n_tensors, first_rank)
+    kind, attrs = normalize.layer_reads_parameters(kind, attrs, params)
     label = str(node.target)
     kind, attrs = normalize.in_context(kind, attrs, label, len(tensor_inputs), 0)
 

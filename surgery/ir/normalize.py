@@ -123,6 +123,16 @@ def why_not_its_base(m: nn.Module) -> str | None:
         return f"{cls.__name__} has forward hooks that change what it computes"
     if torch.nn.utils.parametrize.is_parametrized(m):
         return f"{cls.__name__} has parametrized weights (weight_norm, spectral_norm, ...)"
+    computed = [
+        name
+        for name in ("weight", "bias")
+        if name not in m._parameters and isinstance(getattr(type(m), name, None), property)
+    ]
+    if computed:
+        return (
+            f"{cls.__name__} computes its {computed[0]} (a property, not a parameter): traced "
+            "into, not folded as its base"
+        )
     return None
 
 
@@ -149,8 +159,8 @@ def classify_module(m: nn.Module, one_activation: bool = False) -> Classified:
     `one_activation`: the call's activation inputs are one tensor (attention: q = k = v)."""
     why = why_not_its_base(m)
     if why is not None:
-        overridden = "overrides the forward" in why
-        return "other", {"why": why, "opaque": not overridden}
+        traced = "overrides the forward" in why or "(a property" in why
+        return "other", {"why": why, "opaque": not traced}
     if isinstance(m, nn.Linear):
         return "linear", {"weight_in_axis": 1, "weight_out_axis": 0}
     if _is_hf_conv1d(m):
@@ -199,6 +209,14 @@ def indexing(args: Sequence[Any]) -> Classified:
     """A getitem: which element of a tuple (e.g. one part of a split) it takes."""
     index = args[1] if len(args) > 1 else None
     return "other", {"why": "indexing", **({"index": index} if isinstance(index, int) else {})}
+
+
+def layer_reads_parameters(kind: str, attrs: dict[str, Any], params: dict[str, str]) -> Classified:
+    """A functional linear / conv / embedding whose weight is computed in forward (not a parameter
+    of the model) is no layer a rule can fold into: "other", with the reason."""
+    if kind in ("linear", "conv", "embedding", "batch_norm") and "weight" not in params:
+        return "other", {"why": f"a {kind} whose weight is computed in forward, not a parameter"}
+    return kind, attrs
 
 
 def in_context(

@@ -59,10 +59,23 @@ def apply_plan(
 ) -> nn.Module:
     """A copy of `model` with the pairs of `plan` attached (e.g. to rebuild a paired model whose
     state_dict was saved: apply the saved plan to a fresh model, then load the state_dict)."""
+    check_places(model, plan)
     paired = copy.deepcopy(model)
     attach(paired, plan, make_pairs(model, plan, init))
     paired.plan = plan
     return paired
+
+
+def check_places(model: nn.Module, plan: Plan) -> None:
+    """Refuse a plan that places a pair on a module `model` does not have (PlanError naming it)."""
+    modules = dict(model.named_modules())
+    for site in plan.sites:
+        for p in [*site.route.placements, *([site.probe] if site.probe else [])]:
+            if p.module not in modules:
+                raise PlanError(
+                    f"the plan places site {site.name!r} on module {p.module!r}, which "
+                    f"{type(model).__name__} does not have: the plan belongs to another model"
+                )
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from surgery.analysis.unionfind import DisjointSets
 from surgery.errors import FoldError
 from surgery.plan import Plan, Site, Target
 from surgery.rewrites import RULES
-from surgery.rewrites.insert import detach
+from surgery.rewrites.insert import attached_mismatch, detach
 from surgery.rewrites.rule import factor_steps
 from surgery.runtime import sharded
 from surgery.runtime.models import plan_of, unwrap
@@ -214,6 +214,13 @@ def apply_target(
         work[name] = value
 
 
+def check_attached(model: nn.Module, plan: Plan) -> None:
+    """Refuse to fold a paired model whose running pairs are not the ones its plan names."""
+    why = attached_mismatch(model, plan)
+    if why is not None:
+        raise FoldError(f"refusing to fold: {why} (the model was changed after insert_pairs)")
+
+
 def strip_pairs(paired: nn.Module) -> nn.Module:
     """A copy of the paired model without pairs and hooks: the original architecture."""
     thin = copy.deepcopy(unwrap(paired))
@@ -232,6 +239,7 @@ def fold(
     as its two factors where the rules allow (fewer multiply-adds when D < d / 2; equal up to
     float64 rounding, so not bit-identical to the default)."""
     plan = plan_of(paired)
+    check_attached(unwrap(paired), plan)
     if sharded.is_sharded(paired):
         state = sharded.full_state_dict(unwrap(paired), rank0_only=rank0_only)
         if not state:
@@ -278,6 +286,7 @@ def fold_sharded(paired: nn.Module) -> ShardedFold:
     plan = plan_of(model)
     if not sharded.is_sharded(model):
         raise FoldError("fold_sharded folds a model sharded by FSDP2's fully_shard; use fold")
+    check_attached(model, plan)
     tensors = model.state_dict(keep_vars=True)
     check_plan(plan, {name: tuple(t.shape) for name, t in tensors.items()})
     local = {
