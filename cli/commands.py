@@ -395,7 +395,7 @@ def _on_meta(build: Callable[[], nn.Module]) -> nn.Module:
     try:
         with torch.device("meta"):
             return build()
-    except SurgeryError:
-        raise
-    except Exception:  # noqa: BLE001 - e.g. a factory that reads tensor values
+    except Exception as error:  # noqa: BLE001 - e.g. a factory that reads tensor values
+        if isinstance(error, SurgeryError):  # bad input, not the meta device: say so
+            raise
         return build()

@@ -135,6 +135,8 @@ class Plan:
                 if p.where not in ("input", "output") or p.axis < 0 or p.outer < 1 or p.inner < 1:
                     raise ValueError(f"site {site.name!r}: a placement {p} that cannot be applied")
             for t in site.route.targets:
+                if not t.params:
+                    raise ValueError(f"site {site.name!r}: a target {t.rule!r} names no tensor")
                 if t.axis < 0 or t.out_axis < 0 or t.outer < 1 or t.inner < 1 or t.groups < 1:
                     raise ValueError(f"site {site.name!r}: a target {t} with impossible sizes")
         targets = {n for s in self.sites for t in s.route.targets for n in t.params.values()}

@@ -218,8 +218,12 @@ def test_deeply_nested_json_is_one_line(capsys, paired, tmp_path):
 
 @pytest.mark.parametrize(
     "weight_map_value, message",
-    [(["model.safetensors"], "is not a file name"), ("..", "is not a file name")],
-    ids=["a list", "dotdot"],
+    [
+        (["model.safetensors"], "is not a file name"),
+        ("..", "is not a file name"),
+        ("model\x00.safetensors", "is not a file name"),
+    ],
+    ids=["a list", "dotdot", "a NUL byte"],
 )
 def test_a_bad_index_is_one_line(capsys, paired, tmp_path, weight_map_value, message):
     folder = tmp_path / "sharded"

@@ -28,7 +28,7 @@ from torch import nn
 from surgery.errors import CheckpointError
 from surgery.files.dcpfile import METADATA, DcpFile, is_dcp
 from surgery.files.jsontext import parse_json
-from surgery.files.outputs import atomic_output, regular_input
+from surgery.files.outputs import atomic_output, read_text, regular_input
 from surgery.files.sources import Source, SourceError, source_of, source_of_model
 from surgery.files.tensorfile import DTYPES, Spec, TensorFile, Writer, check_finite, tensor_bytes
 from surgery.plan import Plan
@@ -194,7 +194,7 @@ def _open_dcp(root: Path, plan: Plan | None) -> Checkpoint:
     beside = root / DCP_METADATA
     if beside.exists():
         try:
-            metadata = parse_json(regular_input(beside, "metadata").read_text())
+            metadata = parse_json(read_text(beside, "metadata"))
             assert isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
         except (OSError, ValueError, AssertionError):
             raise CheckpointError(
@@ -211,8 +211,8 @@ def _open_dcp(root: Path, plan: Plan | None) -> Checkpoint:
 def _open_sharded(index_path: Path, plan: Plan | None) -> Checkpoint:
     """Hugging Face shards: the index's weight_map must match the shards' headers exactly."""
     try:
-        index = parse_json(index_path.read_text())
-        weight_map, metadata = index["weight_map"], index.get("metadata") or {}
+        index = parse_json(read_text(index_path, "index"))
+        weight_map, metadata = index["weight_map"], index.get("metadata", {})
         assert isinstance(weight_map, dict) and isinstance(metadata, dict)
     except ValueError as error:
         raise CheckpointError(f"{index_path}: not a safetensors index ({error})") from None
@@ -289,11 +289,7 @@ def _open_pickle(path: Path, plan: Plan | None, trust: bool) -> Checkpoint:
 
 
 def _plan_file(path: str | os.PathLike[str]) -> Plan:
-    try:
-        text = regular_input(path, "plan").read_text()
-    except OSError as error:
-        raise CheckpointError(f"cannot read the plan {path}: {error.strerror}") from None
-    return _parse_plan(text, Path(path))
+    return _parse_plan(read_text(path, "plan"), Path(path))
 
 
 def _parse_plan(data: str | Mapping[str, Any], where: Path) -> Plan:

@@ -157,6 +157,18 @@ def regular_input(path: str | os.PathLike[str], what: str = "input") -> Path:
     return found
 
 
+def read_text(path: str | os.PathLike[str], what: str = "input") -> str:
+    """The UTF-8 text of a regular file (CheckpointError naming it when it cannot be read or is not
+    UTF-8)."""
+    found = regular_input(path, what)
+    try:
+        return found.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise CheckpointError(f"cannot read the {what} {found}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"the {what} {found} is not UTF-8 text ({error.reason})") from None
+
+
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Remove the temporaries of `target` left by runs that were killed (their process is gone)."""
     removed = []

@@ -65,6 +65,18 @@ class Source:
             source = cls(data.get("factory"), data.get("kwargs") or {}, data.get("config"), trusted)
         except (ValueError, AttributeError, TypeError) as error:
             raise SourceError(f"the stored model source is not valid JSON ({error})") from None
+        if set(data) - {"factory", "kwargs", "config"}:
+            raise SourceError(f"the stored model source has unknown fields {sorted(set(data))}")
+        if not (
+            (source.factory is None or isinstance(source.factory, str))
+            and isinstance(source.kwargs, dict)
+            and all(isinstance(k, str) for k in source.kwargs)
+            and (source.config is None or isinstance(source.config, dict))
+        ):
+            raise SourceError(
+                "the stored model source must be a factory name with keyword arguments (an "
+                "object) or a Hugging Face config (an object)"
+            )
         if (source.factory is None) == (source.config is None):
             raise SourceError("the stored model source needs exactly one of factory and config")
         return source

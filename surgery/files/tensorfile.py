@@ -84,17 +84,20 @@ class TensorFile:
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name`, read into memory."""
         entry = self.entries[name]
-        buffer = bytearray(entry.nbytes)
-        self._read_into(memoryview(buffer), entry.offset)
         if not entry.nbytes:
             return torch.empty(entry.shape, dtype=entry.torch_dtype)
-        return torch.frombuffer(buffer, dtype=entry.torch_dtype).reshape(entry.shape)
+        raw = torch.empty(entry.nbytes, dtype=torch.uint8)  # read straight into the tensor
+        with memoryview(raw.numpy()) as view:
+            self._read_into(view, entry.offset)
+        return raw.view(entry.torch_dtype).reshape(entry.shape)
 
     def chunks(self, name: str, size: int = CHUNK) -> Iterator[memoryview]:
         """The bytes of tensor `name`, in pieces of at most `size` bytes (a multiple of 8) read into
         one reused buffer: valid until the next piece is read."""
         entry = self.entries[name]
-        buffer = memoryview(bytearray(min(size, entry.nbytes)))
+        # a tensor's memory, not a bytearray: a bytearray freed while a piece of it is still
+        # referenced (by an error's traceback) makes CPython print a SystemError
+        buffer = memoryview(torch.empty(min(size, entry.nbytes), dtype=torch.uint8).numpy())
         for start in range(0, entry.nbytes, size):
             piece = buffer[: min(size, entry.nbytes - start)]
             self._read_into(piece, entry.offset + start)
@@ -139,7 +142,7 @@ def _read_header(fd: int, path: str) -> tuple[dict[str, Entry], dict[str, str]]:
         ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is not a JSON object: not a safetensors file")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -173,7 +176,7 @@ def _entry(name: str, spec: object, path: str, data_start: int) -> Entry:
             f"{where}: needs exactly dtype, shape and data_offsets (corrupted header)"
         )
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(natural(n) for n in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
