@@ -342,8 +342,10 @@ def reference_fold(fmt: str, folder: Path) -> dict[str, torch.Tensor] | None:
         if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
             return None
         return fold_state_dict(state, Plan.from_json(plan))
-    except Exception:  # noqa: BLE001 - the independent reader refusing is an answer
-        return None
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - the independent reader refusing is an answer (DCP's
+        return None  # CheckpointException is a BaseException)
 
 
 def _where(error: BaseException | None) -> str:

@@ -78,6 +78,9 @@ def test_bad_or_incomplete_dcp_directories_exit_2_and_write_nothing(dcp_dir, tmp
     garbage = _copy(path, tmp_path / "garbage")
     (garbage / ".metadata").write_bytes(b"not a pickle")
     cases["not metadata"] = (garbage, "not torch.distributed.checkpoint metadata")
+    huge = _copy(path, tmp_path / "huge")  # a bytearray8 claiming 2^62 bytes: refused unread
+    (huge / ".metadata").write_bytes(b"\x80\x05\x96" + (2**62).to_bytes(8, "little") + b"ab.")
+    cases["a bytearray opcode"] = (huge, "not a well-formed pickle")
     for what, (source, message) in cases.items():
         out = tmp_path / f"{what}.safetensors"
         result = _fold(source, out)

@@ -10,6 +10,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,50 @@ class _Records(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# the pickle opcodes DCP's records are written with (and their plain kin): no out-of-band buffers,
+# no bytearrays, no persistent ids or extension codes, nothing a corrupted stream could make the
+# unpickler misbehave on; the stream is parsed by pickletools first, so a malformed one is refused
+_OPCODES = {
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "MEMOIZE", "BINPUT", "LONG_BINPUT",
+    "PUT", "BINGET", "LONG_BINGET", "GET", "STACK_GLOBAL", "GLOBAL", "REDUCE", "BUILD", "NEWOBJ",
+    "NEWOBJ_EX", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "INT", "LONG",
+    "LONG1", "LONG4", "BINFLOAT", "FLOAT", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
+    "UNICODE", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "EMPTY_DICT", "DICT", "SETITEM",
+    "SETITEMS", "EMPTY_LIST", "LIST", "APPEND", "APPENDS", "EMPTY_TUPLE", "TUPLE", "TUPLE1",
+    "TUPLE2", "TUPLE3", "EMPTY_SET", "ADDITEMS", "FROZENSET",
+}  # fmt: skip
+
+
+def _plain_records(data: bytes) -> None:
+    """Refuse a pickle stream that is malformed or uses an opcode DCP's records do not."""
+    try:
+        used = {op.name for op, _, _ in pickletools.genops(io.BytesIO(data))}
+    except Exception:  # noqa: BLE001 - pickletools' every complaint means a malformed stream
+        raise CheckpointError(
+            f"{METADATA} is not torch.distributed.checkpoint metadata (not a well-formed pickle)"
+        ) from None
+    extra = sorted(used - _OPCODES)
+    if extra:
+        raise CheckpointError(f"{METADATA} uses pickle opcodes DCP's records do not ({extra[0]})")
+
+
+def _check_planner_data(planner: Any, tensors: dict) -> None:
+    """DCP's map from each name to its place in a nested state dict: for a paired model's flat
+    state dict, each name in one path of strings (torch's own loader refuses anything else)."""
+    if planner is None:
+        return
+    if not isinstance(planner, dict) or any(
+        not isinstance(path, (tuple, list)) or not all(isinstance(p, (str, int)) for p in path)
+        for path in planner.values()
+    ):
+        raise CheckpointError(f"{METADATA}'s planner data is not a map of names to paths")
+    odd = sorted(
+        name for name in tensors if name in planner and ".".join(map(str, planner[name])) != name
+    )
+    if odd:
+        raise CheckpointError(f"{METADATA}'s planner data puts {odd[0]!r} elsewhere")
+
+
 def is_dcp(path: Path) -> bool:
     return path.is_dir() and (path / METADATA).is_file()
 
@@ -72,9 +117,12 @@ class DcpFile:
         self.root, self.path = root, root / METADATA
         try:
             with open(self.path, "rb") as f:
-                meta = _Records(f).load()
+                data = f.read()
+            _plain_records(data)
+            meta = _Records(io.BytesIO(data)).load()
             tensors, storage = meta.state_dict_metadata, meta.storage_data
             assert isinstance(tensors, dict) and isinstance(storage, dict)
+            _check_planner_data(getattr(meta, "planner_data", None), tensors)
         except CheckpointError as e:
             raise CheckpointError(f"{root}: {e}") from None
         except Exception:

@@ -30,7 +30,7 @@ from surgery.analysis.widths import WidthTable, width_groups
 from surgery.errors import PlanError
 from surgery.ir.capture import as_example_inputs
 
-SELECTS = ("energy", "random", "first")
+SELECTS = ("energy", "random", "first", "uniform")
 SCALES = ("fan_in", "sqrt", "none")
 _LINEAR_LIKE = ("linear", "conv")
 
@@ -52,7 +52,7 @@ def sample_from_teacher(
 
     select: which teacher units each space takes: "energy" (those whose inputs carry the most
     energy in the teacher on `refit`, else the example inputs, measured at every layer reading
-    them), "random", or "first" (the plain slice).
+    them), "random", "uniform" (evenly spaced: weight selection) or "first" (the plain slice).
     scale: how input-side weights of Linear/Conv layers are scaled: "none" (the plain slice),
     "fan_in" (x D/d: each sampled pre-activation an unbiased estimate of the teacher's), "sqrt",
     or an exponent p: x (D/d)**p.
@@ -419,11 +419,14 @@ class Selection:
 def _units(
     n: int, k: int, select: str, generator: torch.Generator | None, scores: torch.Tensor | None
 ) -> torch.Tensor:
-    """k of n units (sorted): the top-scoring ones, the first ones, or random ones."""
+    """k of n units (sorted): the top-scoring ones, random ones, evenly spaced ones (weight
+    selection's uniform choice), or the first ones."""
     if select == "energy" and scores is not None and len(scores) == n:
         return scores.topk(k).indices.sort().values
     if select == "random":
         return torch.randperm(n, generator=generator)[:k].sort().values
+    if select == "uniform":
+        return torch.div(torch.arange(k) * n, k, rounding_mode="floor")
     return torch.arange(k)
 
 
