@@ -26,7 +26,7 @@ def find_blocks(
     *,
     bias: bool = False,
     inside_blocks: bool = False,
-    check: bool = True,
+    check: bool | str = True,
 ) -> BlockTable:
     """Block boundaries of `model` with their fold routes or the reasons they cannot fold.
 
@@ -34,10 +34,15 @@ def find_blocks(
     None). `bias`: plan for pairs with biases (fewer boundaries can absorb them). `inside_blocks`:
     also list the cuts inside the innermost blocks (e.g. between the layers of a chain-shaped block).
     `check`: prove every foldable site numerically on these weights and inputs first (random pairs,
-    paired vs folded in float64; see surgery.analysis.selfcheck); a site that fails is refused."""
+    paired vs folded in float64; see surgery.analysis.selfcheck); a site that fails is refused.
+    True (or "local"): each group of sites on the layers it touches, from one recorded forward
+    (memory: one group's layers in float64); "full": a float64 copy of the whole model, paired and
+    folded end to end; False: no check."""
     inputs = as_example_inputs(model, example_inputs)
     table = analyse(capture(model, inputs), bias=bias, inside_blocks=inside_blocks)
-    return self_check(model, inputs, table) if check else table
+    if check is False:
+        return table
+    return self_check(model, inputs, table, "local" if check is True else check)
 
 
 def insert_pairs(
@@ -49,7 +54,7 @@ def insert_pairs(
     sites: str | Sequence[str] = "auto",
     probes: Sequence[str] = (),
     bias: bool = False,
-    check: bool = True,
+    check: bool | str = True,
 ) -> nn.Module:
     """A copy of `model` with a widen/narrow pair at each chosen block boundary.
 
@@ -79,7 +84,7 @@ def plan_pairs(
     sites: str | Sequence[str] = "auto",
     probes: Sequence[str] = (),
     bias: bool = False,
-    check: bool = True,
+    check: bool | str = True,
 ) -> Plan:
     """The Plan insert_pairs would follow (same arguments), without building anything: works on a
     model on the meta device, so a 7B-parameter model can be planned with no weight memory."""

@@ -94,5 +94,9 @@ def test_a_model_that_cannot_run_in_float64_is_checked_in_float32():
         def forward(self, x):  # a float32 matrix made inside forward: float64 inputs fail here
             return self.b(self.a(x) @ torch.eye(6, dtype=torch.float32))
 
-    table = surgery.find_blocks(Float32Inside().eval(), (torch.randn(4, 6),))
+    x = (torch.randn(4, 6),)
+    table = surgery.find_blocks(Float32Inside().eval(), x, check="full")
     assert table.foldable and all("(float32)" in b.checked for b in table.foldable)
+    # the default check runs only the touched layers, in float64 whatever forward does around them
+    table = surgery.find_blocks(Float32Inside().eval(), x)
+    assert table.foldable and all("float64, layer by layer" in b.checked for b in table.foldable)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from surgery.analysis.blocks import NOT_CHECKED, BlockTable, Boundary
+from surgery.analysis.localcheck import LocalProbe, record
 from surgery.rewrites import RULES
 from surgery.runtime.attach import apply_plan, build_plan
 from surgery.runtime.fold import fold
@@ -30,10 +31,19 @@ SITE_FLOP_BUDGET = 2e10
 CHECK_RANK = 32  # the rank of the checking pairs' W (see check_width)
 
 
-def self_check(model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> BlockTable:
+CHECKS = ("local", "full")
+
+
+def self_check(
+    model: nn.Module, inputs: tuple[Any, ...], table: BlockTable, mode: str = "local"
+) -> BlockTable:
     """Run the numeric check on every foldable boundary of `table` (in place; returned for
     chaining): each gets `checked` = the measured error, or is refused (`route` None) with the
-    reason. On the meta device, and for a site over SITE_FLOP_BUDGET, it says it was not checked."""
+    reason. On the meta device, and for a site over SITE_FLOP_BUDGET, it says it was not checked.
+    mode "local" (the default) checks each group of sites on the layers they touch, from one
+    recorded forward (surgery.analysis.localcheck); "full" folds a float64 copy of the whole model."""
+    if mode not in CHECKS:
+        raise ValueError(f"check must be True, False or one of {CHECKS}, got {mode!r}")
     candidates = [b for b in table if b.foldable]
     if any(p.device.type == "meta" for p in [*model.parameters(), *model.buffers()]):
         for boundary in candidates:
@@ -52,26 +62,28 @@ def self_check(model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> 
         return table
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        probe = _Probe(model, inputs, table)
-        unsteady = probe.random_in_eval()
+        unsteady = random_in_eval(model, inputs)
         if unsteady:
             for boundary in candidates:
                 boundary.reason = unsteady
                 boundary.route = None
                 boundary.checked = "failed: the model is not deterministic"
             return table
-        joint, why = probe.error(candidates)
-        refused = _bisect(probe, candidates, joint, why)
-        if refused:
-            kept = [b for b in candidates if b.name not in refused]
-            joint, _ = probe.error(kept) if kept else (0.0, "")
-            if joint > probe.tolerance:  # exact alone, not together
-                refused.update(_greedy(probe, kept))
-                kept = [b for b in candidates if b.name not in refused]
-                joint, _ = probe.error(kept) if kept else (0.0, "")
+        verdicts: dict[str, tuple[float, str, str]] = {}  # site -> (error, why, how) or refused
+        if mode == "local":
+            local = record(model, inputs, table, candidates)
+            for group in local.groups:
+                torch.manual_seed(0)
+                verdicts.update(_checked(LocalProbe(local), group))
+            rest = local.unsupported
+        else:
+            rest = candidates
+        if rest:
+            torch.manual_seed(0)
+            verdicts.update(_checked(_Probe(model, inputs, table), rest))
     for boundary in candidates:
-        if boundary.name in refused:
-            measured, why = refused[boundary.name]
+        measured, why, how = verdicts[boundary.name]
+        if how == "refused":
             boundary.reason = (
                 f"numeric check failed: rel err {measured:.1e} through "
                 f"{', '.join(_modules(boundary)) or boundary.name}" + (f" ({why})" if why else "")
@@ -79,8 +91,54 @@ def self_check(model: nn.Module, inputs: tuple[Any, ...], table: BlockTable) -> 
             boundary.route = None
             boundary.checked = f"failed: rel err {measured:.1e}"
         else:
-            boundary.checked = f"checked: rel err {joint:.0e} ({probe.dtype_name})"
+            boundary.checked = f"checked: rel err {measured:.0e} ({how})"
     return table
+
+
+def _checked(probe: Any, candidates: list[Boundary]) -> dict[str, tuple[float, str, str]]:
+    """Each candidate's verdict: (error, why, "refused") for the sites responsible for a mismatch
+    (found by bisection, then greedily for sites exact alone but not together), (joint error of
+    the rest, "", how it was checked) for the others."""
+    joint, why = probe.error(candidates)
+    refused = _bisect(probe, candidates, joint, why)
+    if refused:
+        kept = [b for b in candidates if b.name not in refused]
+        joint, _ = probe.error(kept) if kept else (0.0, "")
+        if joint > probe.tolerance:  # exact alone, not together
+            refused.update(_greedy(probe, kept))
+            kept = [b for b in candidates if b.name not in refused]
+            joint, _ = probe.error(kept) if kept else (0.0, "")
+    return {
+        b.name: (*refused[b.name], "refused")
+        if b.name in refused
+        else (joint, "", probe.dtype_name)
+        for b in candidates
+    }
+
+
+def random_in_eval(model: nn.Module, inputs: tuple[Any, ...]) -> str | None:
+    """Why no fold can be proven on this model: two runs on the same inputs differ in eval mode
+    (MC dropout, random masking); None when they agree (or when the model cannot run: the checks
+    themselves then say why)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            first, second = (_leaves(model(*inputs)) for _ in range(2))
+    except Exception:  # noqa: BLE001 - a model that cannot run here is refused by the checks
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+    if len(first) == len(second) and all(
+        torch.equal(a, b) for a, b in zip(first, second, strict=False)
+    ):
+        return None
+    return (
+        "the model is not deterministic in eval mode (two runs on the same inputs differ): "
+        "no fold can be proven on it; make its eval forward deterministic (no dropout or "
+        "random masking under model.eval()) or pass check=False"
+    )
 
 
 class _Probe:
@@ -111,25 +169,6 @@ class _Probe:
             self.model, self.inputs = copy.deepcopy(self.original).eval(), self.original_inputs
             self.dtype_name, self.tolerance = "float32", TOLERANCE[torch.float32]
             return True
-
-    def random_in_eval(self) -> str | None:
-        """Why no fold can be proven on this model: two runs on the same inputs differ in eval
-        mode (MC dropout, random masking): None when they agree."""
-        try:
-            with torch.no_grad():
-                first, second = (_leaves(self.model(*self.inputs)) for _ in range(2))
-        except Exception:  # noqa: BLE001 - a model that cannot run here is refused by `error`
-            return None
-        differ = len(first) != len(second) or any(
-            _relative(a, b) > self.tolerance for a, b in zip(first, second, strict=False)
-        )
-        if not differ:
-            return None
-        return (
-            "the model is not deterministic in eval mode (two runs on the same inputs differ): "
-            "no fold can be proven on it; make its eval forward deterministic (no dropout or "
-            "random masking under model.eval()) or pass check=False"
-        )
 
     def error(self, sites: Sequence[Boundary]) -> tuple[float, str]:
         """Normwise relative error of fold vs paired with random pairs on `sites` (inf and the

@@ -1,0 +1,261 @@
+"""The numeric self-check on the layers each site touches, not on a copy of the whole model.
+
+A site's fold changes only the parameters its Targets name, and its pair runs at its placements:
+so paired and folded agree everywhere iff they agree on those layers, for any inputs. One forward
+of the original model (in its own dtype, no copy) records the inputs of every layer some candidate
+touches; then, site group by site group (sites touching one layer are checked together, so their
+folds' interactions are caught), those layers run twice in float64 from the recorded inputs -- with
+the random checking pairs where the plan puts them, and with the folded parameters -- and their
+outputs are compared. A layer that reads another's output directly (a BatchNorm after its conv)
+runs on that output, so a fold through both is checked as one. The working set is the float64
+copies of one group's layers and the recorded activations, which are released group by group.
+
+Sites this cannot replay (a layer that runs no hook, a layer called twice, parameters of the root
+module) are left to the whole-model check (`surgery.analysis.selfcheck`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from surgery.analysis.blocks import BlockTable, Boundary
+from surgery.analysis.unionfind import DisjointSets
+
+
+@dataclass
+class _Call:
+    """One recorded call of a layer: its inputs (float copies, identity of repeated ones kept),
+    and which earlier layer's output its first input is, if any."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    order: int
+    wired_from: str | None = None
+    calls: int = 1
+    out_id: int = 0
+
+
+@dataclass
+class LocalCheck:
+    """The recorded layer calls of one forward, and the site groups to check on them."""
+
+    model: nn.Module
+    table: BlockTable
+    calls: dict[str, _Call] = field(default_factory=dict)
+    groups: list[list[Boundary]] = field(default_factory=list)
+    unsupported: list[Boundary] = field(default_factory=list)
+
+
+def region(boundary: Boundary) -> set[str]:
+    """The layers a site touches: where its pair runs and whose parameters its fold changes."""
+    route = boundary.route
+    if route is None:
+        return set()
+    owners = {name.rpartition(".")[0] for t in route.targets for name in t.params.values()}
+    return {p.module for p in route.placements} | owners
+
+
+def record(
+    model: nn.Module, inputs: tuple[Any, ...], table: BlockTable, sites: list[Boundary]
+) -> LocalCheck:
+    """One forward of `model` (eval mode, its own dtype) recording the calls of every layer the
+    sites touch; the sites grouped by shared layers."""
+    check = LocalCheck(model, table)
+    wanted = set().union(*(region(b) for b in sites)) if sites else set()
+    modules = dict(model.named_modules())
+    if "" in wanted or any(name not in modules for name in wanted):
+        check.unsupported = list(sites)
+        return check
+    outputs: dict[int, str] = {}  # id of a recorded layer's output -> the layer
+    keep: list[Any] = []  # the outputs themselves, so their ids are not reused during the forward
+
+    def pre(path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen = check.calls.get(path)
+            if seen is not None:
+                seen.calls += 1
+                return
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            copies: dict[int, Any] = {}
+            check.calls[path] = _Call(
+                _copied(args, copies), _copied(kwargs, copies), len(check.calls),
+                wired_from=outputs.get(id(first)) if isinstance(first, torch.Tensor) else None,
+            )  # fmt: skip
+
+        return hook
+
+    def post(path: str):
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and check.calls[path].calls == 1:
+                outputs[id(out)] = path
+                keep.append(out)
+
+        return hook
+
+    handles = []
+    for path in wanted:
+        handles.append(modules[path].register_forward_pre_hook(pre(path), with_kwargs=True))
+        handles.append(modules[path].register_forward_hook(post(path)))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    keep.clear()
+    fine = [
+        b for b in sites if all(p in check.calls and check.calls[p].calls == 1 for p in region(b))
+    ]
+    check.unsupported = [b for b in sites if b not in fine]
+    sets = DisjointSets()
+    index = {b.name: sets.add() for b in fine}
+    owner: dict[str, str] = {}
+    for b in fine:
+        for path in region(b):
+            if path in owner:
+                sets.join(index[owner[path]], index[b.name])
+            owner.setdefault(path, b.name)
+    grouped: dict[int, list[Boundary]] = {}
+    for b in fine:
+        grouped.setdefault(sets.find(index[b.name]), []).append(b)
+    check.groups = list(grouped.values())
+    return check
+
+
+def _copied(value: Any, copies: dict[int, Any]) -> Any:
+    """Float64 copies of the tensors in a call's arguments (one copy per tensor: q = k = v stay
+    one object), everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in copies:
+            copies[id(value)] = (
+                value.detach().double() if value.is_floating_point() else value.detach().clone()
+            )
+        return copies[id(value)]
+    if isinstance(value, tuple):
+        return tuple(_copied(v, copies) for v in value)
+    if isinstance(value, list):
+        return [_copied(v, copies) for v in value]
+    if isinstance(value, dict):
+        return {k: _copied(v, copies) for k, v in value.items()}
+    return value
+
+
+class LocalProbe:
+    """The error of folding a group of sites, measured on the layers they touch (same interface
+    as the whole-model probe: `error(sites)`, `tolerance`, `dtype_name`)."""
+
+    tolerance = 1e-9
+    dtype_name = "float64, layer by layer"
+
+    def __init__(self, check: LocalCheck) -> None:
+        self.check = check
+
+    def error(self, sites: Sequence[Boundary]) -> tuple[float, str]:
+        from surgery.analysis.selfcheck import _leaves, _relative, check_width
+        from surgery.runtime.attach import build_plan, make_pairs
+        from surgery.runtime.fold import fold_state_dict
+
+        check = self.check
+        try:
+            plan = build_plan(
+                check.table, [(b, check_width(b.width), False) for b in sites], check.table.bias
+            )
+            pairs = make_pairs(check.model, plan, "random").double()
+            paths = sorted(
+                set().union(*(region(b) for b in sites)), key=lambda p: check.calls[p].order
+            )
+            modules = dict(check.model.named_modules())
+            own = {
+                path: {
+                    n: t.detach().double() if t.is_floating_point() else t
+                    for n, t in _tensors(modules[path])
+                }
+                for path in paths
+            }
+            state = {
+                f"{path}.{n}" if path else n: t for path in paths for n, t in own[path].items()
+            }
+            for site in plan.sites:
+                for role, tensor in pairs[site.name].state_dict().items():
+                    state[f"pairs.{site.key}.{role}"] = tensor
+            folded_state = fold_state_dict(state, plan, factored=True)
+            folded = {
+                path: {n: folded_state.get(f"{path}.{n}", t) for n, t in own[path].items()}
+                for path in paths
+            }
+            actions = {
+                (p.module, p.where): [] for site in plan.sites for p in site.route.placements
+            }
+            for site in plan.sites:
+                for p in site.route.placements:
+                    actions[(p.module, p.where)].append((pairs[site.name], p))
+            modes = [(m, m.training) for path in paths for m in modules[path].modules()]
+            for m, _ in modes:
+                m.training = False  # as the model runs after training (BatchNorm's statistics)
+            try:
+                reference = self._replay(paths, modules, own, actions)
+                candidate = self._replay(paths, modules, folded, {})
+            finally:
+                for m, training in modes:
+                    m.training = training
+        except Exception as error:  # noqa: BLE001 - any failure refuses the sites, with its text
+            return math.inf, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+        errors = []
+        for path in paths:
+            if any(check.calls[q].wired_from == path for q in paths):
+                continue  # read by the next layer of the group: compared there
+            a, b = _leaves(reference[path]), _leaves(candidate[path])
+            if len(a) != len(b):
+                return math.inf, f"{path} returns other outputs when folded"
+            errors += [_relative(x, y) for x, y in zip(a, b, strict=True)]
+        return max(errors, default=0.0), ""
+
+    def _replay(
+        self,
+        paths: list[str],
+        modules: dict[str, nn.Module],
+        tensors: dict[str, dict[str, torch.Tensor]],
+        actions: dict[tuple[str, str], list],
+    ) -> dict[str, Any]:
+        """Run the group's layers in call order on their recorded inputs (a layer fed directly by
+        an earlier one on that one's output), with `actions` (pairs) at their placements."""
+        outs: dict[str, Any] = {}
+        with torch.no_grad():
+            for path in paths:
+                call = self.check.calls[path]
+                args, kwargs = call.args, dict(call.kwargs)
+                if call.wired_from in outs and args:
+                    args = tuple(outs[call.wired_from] if a is call.args[0] else a for a in args)
+                for pair, p in actions.get((path, "input"), []):
+                    if args:
+                        h = args[0]
+                        x = pair(h, p.axis, p.inner, add_bias=p.bias)
+                        args = tuple(x if a is h else a for a in args)
+                    else:
+                        key = next(iter(kwargs))
+                        kwargs[key] = pair(kwargs[key], p.axis, p.inner, add_bias=p.bias)
+                module = modules[path]
+                out = functional_call(module, tensors[path], args, kwargs)
+                for pair, p in actions.get((path, "output"), []):
+                    out = pair(out, p.axis, p.inner, add_bias=p.bias)
+                outs[path] = out
+        return outs
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module's parameters and buffers (its children's too), by their names in it."""
+    return [
+        *module.named_parameters(remove_duplicate=False),
+        *((n, b) for n, b in module.named_buffers(remove_duplicate=False) if b is not None),
+    ]
