@@ -8,7 +8,7 @@ from typing import NoReturn
 
 from surgery.errors import SurgeryError
 
-from . import commands
+from . import commands, narrow
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     commands.register(subcommands)
+    narrow.register(subcommands)
     return parser
 
 

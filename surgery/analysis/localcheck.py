@@ -176,13 +176,17 @@ class LocalProbe:
                 set().union(*(region(b) for b in sites)), key=lambda p: check.calls[p].order
             )
             modules = dict(check.model.named_modules())
-            own = {
-                path: {
+            calls = {path: check.calls[path] for path in paths}
+            own = {}
+            for path in paths:  # a vocabulary-sized sink layer: the rows the check needs, sliced
+                rows = _rows(modules[path], path, calls, plan, paths)  # before the float64 copy
+                tensors = dict(_tensors(modules[path]))
+                if rows is not None:
+                    tensors, calls[path] = _sliced(modules[path], tensors, calls[path], rows)
+                own[path] = {
                     n: t.detach().double() if t.is_floating_point() else t
-                    for n, t in _tensors(modules[path])
+                    for n, t in tensors.items()
                 }
-                for path in paths
-            }
             state = {
                 f"{path}.{n}" if path else n: t for path in paths for n, t in own[path].items()
             }
@@ -204,8 +208,8 @@ class LocalProbe:
             for m, _ in modes:
                 m.training = False  # as the model runs after training (BatchNorm's statistics)
             try:
-                reference = self._replay(paths, modules, own, actions)
-                candidate = self._replay(paths, modules, folded, {})
+                reference = self._replay(paths, modules, own, actions, calls)
+                candidate = self._replay(paths, modules, folded, {}, calls)
             finally:
                 for m, training in modes:
                     m.training = training
@@ -227,13 +231,14 @@ class LocalProbe:
         modules: dict[str, nn.Module],
         tensors: dict[str, dict[str, torch.Tensor]],
         actions: dict[tuple[str, str], list],
+        calls: dict[str, _Call],
     ) -> dict[str, Any]:
         """Run the group's layers in call order on their recorded inputs (a layer fed directly by
         an earlier one on that one's output), with `actions` (pairs) at their placements."""
         outs: dict[str, Any] = {}
         with torch.no_grad():
             for path in paths:
-                call = self.check.calls[path]
+                call = calls[path]
                 args, kwargs = call.args, dict(call.kwargs)
                 if call.wired_from in outs and args:
                     args = tuple(outs[call.wired_from] if a is call.args[0] else a for a in args)
@@ -251,6 +256,42 @@ class LocalProbe:
                     out = pair(out, p.axis, p.inner, add_bias=p.bias)
                 outs[path] = out
         return outs
+
+
+ROWS = 256  # output rows a Linear sink is checked on (each row folds on its own)
+
+
+def _rows(
+    module: nn.Module, path: str, calls: dict[str, _Call], plan: Any, paths: list[str]
+) -> torch.Tensor | None:
+    """The rows of a sink layer's weight the check needs, when no pair of the group acts on its
+    rows (so each row folds on its own): an Embedding's rows its recorded ids look up, a Linear's
+    ROWS evenly spaced output rows. None: the whole layer (anything else, or small enough)."""
+    if any(calls[q].wired_from == path for q in paths):
+        return None  # another layer of the group reads its whole output
+    names = {f"{path}.{n}" for n, _ in _tensors(module)}
+    touched = [
+        t for site in plan.sites for t in site.route.targets if set(t.params.values()) & names
+    ]
+    if any(t.axis == 0 for t in touched) or not touched:
+        return None
+    kind = type(module)
+    if kind is nn.Embedding and module.max_norm is None and calls[path].args:
+        return torch.unique(calls[path].args[0])
+    if kind is nn.Linear and module.out_features > ROWS:
+        return torch.div(torch.arange(ROWS) * module.out_features, ROWS, rounding_mode="floor")
+    return None
+
+
+def _sliced(
+    module: nn.Module, tensors: dict[str, torch.Tensor], call: _Call, rows: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], _Call]:
+    """The layer's weight (and bias) at `rows`; an Embedding's ids renumbered into them."""
+    out = {n: t.index_select(0, rows) if n in ("weight", "bias") else t for n, t in tensors.items()}
+    if isinstance(module, nn.Embedding):
+        ids = torch.searchsorted(rows, call.args[0])
+        call = _Call((ids, *call.args[1:]), call.kwargs, call.order, call.wired_from, call.calls)
+    return out, call
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
