@@ -365,9 +365,10 @@ def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge
         handle.remove()
     assert len(counted) == steps
     imitated = sum(len(v) for k, v in result.log.stages.items() if k.startswith("imitate"))
-    assert (
-        imitated == round(steps * share) and len(result.log.stages["fine-tune"]) == steps - imitated
-    )
+    probed = sum(len(v) for k, v in result.log.stages.items() if k.startswith("rate probe"))
+    assert probed == 3 * max(1, round(0.03 * (steps - imitated)))  # the fine-tuning rate, measured
+    assert imitated == round(steps * share)
+    assert len(result.log.stages["fine-tune"]) + probed == steps - imitated
     with pytest.raises(surgery.PlanError, match="restarts"):
         win.win(
             DeepThin(), trained_teacher, synthetic_batches(), X, win.Recipe(steps=10, restarts=1)

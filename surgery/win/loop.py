@@ -34,7 +34,7 @@ from .start import (
     same_on_every_rank,
     start_quality,
 )
-from .steps import Log, distributed, mean_over_ranks, run_steps
+from .steps import Log, distributed, mean_over_ranks, restore, run_steps, snapshot
 
 Batch = tuple[Any, Any]  # (inputs: tensor or tuple of tensors, labels)
 
@@ -426,7 +426,13 @@ class Recipe:
     # None: chosen from the model by `for_model` (attention models: AdamW, warm-up, clipping)
     imitation_lr: float | None = None  # SGD 0.1, AdamW 1e-3
     finetune_steps: int = 500
-    finetune_lr: float | None = None  # SGD 0.01, AdamW 1e-3
+    # None: with a budget, chosen by measurement (each of `finetune_rates` fine-tunes
+    # `rate_probe` of the fine-tuning steps from the same start, the lowest held-out distillation
+    # loss is kept and its run continues; every probe step counts in the budget); with a schedule,
+    # the paper's SGD 0.01 (AdamW 1e-3)
+    finetune_lr: float | None = None
+    finetune_rates: Sequence[float] | None = None  # None: AdamW 1e-3, 3e-3, 1e-2; SGD x 0.3, 1, 3
+    rate_probe: float = 0.03
     momentum: float = 0.9
     optimizer: str | None = None  # "sgd" (CNNs, the paper's) or "adam" (AdamW, transformers)
     weight_decay: float = 0.0  # the paper uses none in stages 2 and 3
@@ -469,8 +475,9 @@ class Recipe:
 
     def for_model(self, model: nn.Module, example_inputs: Any = None) -> Recipe:
         """This recipe with every field left at None chosen for `model`: a model with attention
-        trains with AdamW (lr 1e-3, 5% warm-up, gradient norm clipped at 1), any other with the
-        paper's SGD (imitation lr 0.1, fine-tuning 0.01, no warm-up, no clipping); the start, the
+        trains with AdamW (5% warm-up, gradient norm clipped at 1; imitation lr 1e-3), any other
+        with the paper's SGD (imitation lr 0.1, no warm-up, no clipping); the fine-tuning rate is
+        probed with a budget (see `finetune_lr`), the paper's with a schedule; the start, the
         imitation loss and the merge as the class docstring says (budget: measured; schedule: paper)."""
         optimizer = self.optimizer
         if optimizer is None:
@@ -481,7 +488,8 @@ class Recipe:
         chosen = dict(
             optimizer=optimizer,
             imitation_lr=1e-3 if adam else 0.1,
-            finetune_lr=1e-3 if adam else 0.01,
+            finetune_lr=None if measured else 1e-3 if adam else 0.01,
+            finetune_rates=(1e-3, 3e-3, 1e-2) if adam else (0.003, 0.01, 0.03),
             warmup=0.05 if adam else 0.0,
             clip=1.0 if adam else 0.0,
             sampled_start=measured,
@@ -547,6 +555,37 @@ def chunked(stages: list[list[str]], recipe: Recipe) -> list[list[str]]:
         [s for chunk in stages[a:b] for s in chunk]
         for a, b in zip(bounds, bounds[1:], strict=False)
     ]
+
+
+def probe_rate(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Batch],
+    recipe: Recipe,
+    steps: int,
+    held_out: tuple[Any, ...],
+    log: Log,
+) -> tuple[float, int]:
+    """The fine-tuning rate chosen by measurement: each of `recipe.finetune_rates` fine-tunes
+    `recipe.rate_probe` of `steps` from the model as it is; the one whose held-out distillation
+    loss ends lowest is kept, with its run (the others are rolled back). Returns (the rate, the
+    steps all probes spent), every probe step counted in the budget."""
+    rates = list(recipe.finetune_rates or ())
+    probe = max(1, round(recipe.rate_probe * steps))
+    if len(rates) < 2 or probe * len(rates) >= steps:
+        return (rates[0] if rates else 1e-3), 0
+    start = snapshot(unwrap(model))
+    best: tuple[float, float, dict[str, torch.Tensor]] | None = None
+    options = {**finetune_options(recipe, teacher), "log": log}
+    for rate in rates:
+        restore(unwrap(model), start)
+        train(model, batches, probe, **{**options, "lr": rate, "stage": f"rate probe {rate:g}"})
+        score = mean_over_ranks(start_quality(unwrap(model), teacher, held_out))
+        log.start[f"fine-tuning at {rate:g}, after {probe} steps"] = score
+        if best is None or score < best[0]:
+            best = (score, rate, snapshot(unwrap(model)))
+    restore(unwrap(model), best[2])
+    return best[1], probe * len(rates)
 
 
 def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
@@ -709,15 +748,19 @@ def win(
         else (lambda m, step: recipe.callback(m, imitation_total + step)),
     )
     imitation_total = sum(per_stage) * (recipe.restarts + 1)
-    if recipe.merge == "after_imitation":
-        thin = fold(paired.eval())
-        train(thin, batches, finetune_steps, **finetune)
-        thin = gathered(thin)  # a plain model again when fine-tuning sharded it
-    elif recipe.merge == "after_finetune":
-        train(paired, batches, finetune_steps, **finetune)
-        thin = fold(paired.eval())
-    else:
+    if recipe.merge not in ("after_imitation", "after_finetune"):
         raise PlanError(
             f"merge must be 'after_finetune' or 'after_imitation', got {recipe.merge!r}"
         )
+    tuned = fold(paired.eval()) if recipe.merge == "after_imitation" else paired
+    if recipe.finetune_lr is None:
+        rate, spent = probe_rate(tuned, teacher, batches, recipe, finetune_steps, held_out, log)
+        finetune = {**finetune, "lr": rate}
+        imitation_total += spent
+        finetune_steps -= spent
+    train(tuned, batches, finetune_steps, **finetune)
+    if recipe.merge == "after_imitation":
+        thin = gathered(tuned)  # a plain model again when fine-tuning sharded it
+    else:
+        thin = fold(paired.eval())
     return WinResult(thin.eval(), paired, log, finals, stages)
