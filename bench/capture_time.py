@@ -12,7 +12,8 @@ ResNet of BasicBlocks (`blocks` blocks in 4 stages, input 1x3x32x32), at 12, 24,
 - plan_pairs: surgery.plan_pairs(model, args, check=False) -- capture + analysis (with cuts inside
   blocks) + choosing sites and widths: everything insert_pairs does before it builds a module;
 - checked plan: surgery.plan_pairs(model, args), the default: the same plus the numeric self-check
-  (random pairs on every candidate site, paired vs folded forward in float64; surgery.analysis.selfcheck).
+  (random pairs on every candidate site, paired vs folded, each group of sites replayed in float64
+  on the layers it touches from one recorded forward; surgery.analysis.localcheck).
 
 So every "ours" time is baseline + analysis; the ratios say what the analysis costs on top of the
 capture. Candidates are interleaved round by round (perf_common.interleave); ratios are medians of

@@ -351,9 +351,12 @@ def test_imitation_with_earlier_blocks_at_reduced_lr_and_warmup(trained_teacher)
 
 
 @pytest.mark.parametrize(
-    "merge, steps, share", [("after_finetune", 37, 0.1), ("after_imitation", 23, 0.3)]
+    "merge, steps, share",
+    [("after_finetune", 37, 0.1), ("after_imitation", 23, 0.3), ("after_imitation", 40, 0.0)],
 )
 def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge, steps, share):
+    """Every optimizer step counted: imitation, the rate probes, fine-tuning; a share of 0 is the
+    start followed by fine-tuning only."""
     counted = []
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: counted.append(1))
     try:

@@ -526,11 +526,13 @@ def budget(recipe: Recipe, n_stages: int) -> tuple[list[int], int]:
             "Recipe(steps=N) is a budget of N student steps, and restarts repeat stages beyond it: "
             "give imitation_steps and finetune_steps instead, or restarts=0"
         )
-    if not 0 < recipe.imitation_share < 1 or recipe.steps < n_stages + 1:
+    if not 0 <= recipe.imitation_share < 1 or recipe.steps < n_stages + 1:
         raise PlanError(
             f"Recipe(steps={recipe.steps}, imitation_share={recipe.imitation_share}): need a share "
-            f"in (0, 1) and at least one step per stage ({n_stages}) plus one to fine-tune"
+            f"in [0, 1) and at least one step per stage ({n_stages}) plus one to fine-tune"
         )
+    if recipe.imitation_share == 0:  # no imitation: the start, then fine-tuning
+        return [0] * n_stages, recipe.steps
     imitating = max(n_stages, round(recipe.steps * recipe.imitation_share))
     base, extra = divmod(imitating, n_stages)
     per_stage = [base + (1 if i < extra else 0) for i in range(n_stages)]
@@ -604,6 +606,44 @@ def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
         clip=_clip(recipe.clip),
         sharding=recipe.sharding,
     )
+
+
+def _finetune(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Batch],
+    recipe: Recipe,
+    steps: int,
+    done: int,
+    held_out: tuple[Any, ...],
+    log: Log,
+) -> None:
+    """Stage 3: KD fine-tuning for `steps` (its rate probed first when the recipe leaves it open,
+    the probes counted in `steps`); `done` student steps were spent before it (for the callback)."""
+    options = {**finetune_options(recipe, teacher), "log": log, "stage": "fine-tune"}
+    if recipe.finetune_lr is None:
+        rate, spent = probe_rate(model, teacher, batches, recipe, steps, held_out, log)
+        options["lr"] = rate
+        done, steps = done + spent, steps - spent
+    if recipe.callback is not None:
+        options["callback"] = lambda m, step: recipe.callback(m, done + step)
+    train(model, batches, steps, **options)
+
+
+def _finetuned(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Batch],
+    recipe: Recipe,
+    stages: list[list[str]],
+    log: Log,
+) -> WinResult:
+    """`win` with `imitation_share=0`: the start, then fine-tuning for the whole budget."""
+    steps = budget(recipe, len(stages))[1]
+    held_out = held_out_batch(batches, recipe.sample_refit if recipe.sampled_start else 0)
+    _finetune(student, teacher, batches, recipe, steps, 0, held_out, log)
+    thin = gathered(student)
+    return WinResult(thin.eval(), thin, log, {}, [])
 
 
 def choose_stages(
@@ -684,6 +724,8 @@ def win(
     if recipe.sampled_start:
         recipe_start(student, teacher, batches, inputs, recipe, log)
     table, t_table, stages = _stage_tables(student, teacher, inputs, recipe.stages, recipe.mapping)
+    if recipe.steps is not None and recipe.imitation_share == 0:
+        return _finetuned(student, teacher, batches, recipe, stages, log)
     sites = [s for chunk in stages for s in chunk]
     widths = {s: t_table.get(teacher_site(s, recipe.mapping)).width for s in sites}
     foldable = [s for s in sites if table.get(s).foldable]
@@ -739,26 +781,13 @@ def win(
 
     # imitation is a means to a better start for the fine-tuning: kept only if it is one
     kept_if_better(paired, imitation, quality, mean_over_ranks(quality()), "imitation", log)
-    finetune = dict(
-        **finetune_options(recipe, teacher),
-        log=log,
-        stage="fine-tune",
-        callback=None
-        if recipe.callback is None
-        else (lambda m, step: recipe.callback(m, imitation_total + step)),
-    )
     imitation_total = sum(per_stage) * (recipe.restarts + 1)
     if recipe.merge not in ("after_imitation", "after_finetune"):
         raise PlanError(
             f"merge must be 'after_finetune' or 'after_imitation', got {recipe.merge!r}"
         )
     tuned = fold(paired.eval()) if recipe.merge == "after_imitation" else paired
-    if recipe.finetune_lr is None:
-        rate, spent = probe_rate(tuned, teacher, batches, recipe, finetune_steps, held_out, log)
-        finetune = {**finetune, "lr": rate}
-        imitation_total += spent
-        finetune_steps -= spent
-    train(tuned, batches, finetune_steps, **finetune)
+    _finetune(tuned, teacher, batches, recipe, finetune_steps, imitation_total, held_out, log)
     if recipe.merge == "after_imitation":
         thin = gathered(tuned)  # a plain model again when fine-tuning sharded it
     else:
