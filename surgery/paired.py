@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from surgery.analysis.blocks import BlockTable, Boundary, analyse
+from surgery.analysis.localcheck import recording
 from surgery.analysis.selfcheck import self_check
 from surgery.errors import PlanError
 from surgery.ir.capture import as_example_inputs, capture
@@ -39,10 +41,13 @@ def find_blocks(
     (memory: one group's layers in float64); "full": a float64 copy of the whole model, paired and
     folded end to end; False: no check."""
     inputs = as_example_inputs(model, example_inputs)
-    table = analyse(capture(model, inputs), bias=bias, inside_blocks=inside_blocks)
+    mode = "local" if check is True else check
+    with recording(model) if mode == "local" else contextlib.nullcontext() as recorded:
+        flow = capture(model, inputs)  # the local check replays from this forward's layer inputs
+    table = analyse(flow, bias=bias, inside_blocks=inside_blocks)
     if check is False:
         return table
-    return self_check(model, inputs, table, "local" if check is True else check)
+    return self_check(model, inputs, table, mode, recorded)
 
 
 def insert_pairs(

@@ -52,7 +52,7 @@ def test_a_rule_broken_on_purpose_is_refused_by_the_local_check(name, monkeypatc
     honest = surgery.find_blocks(model, x)
     offered = [b for b in honest if b.foldable and b.checked.startswith("checked")]
     assert offered, name
-    assert all("layer by layer" in b.checked for b in offered), [b.checked for b in offered]
+    assert all("float64, local" in b.checked for b in offered), [b.checked for b in offered]
     used = {t.rule for b in offered for t in b.route.targets}
     for rule in used:
         monkeypatch.setitem(RULES, rule, _broken(rule))

@@ -99,4 +99,4 @@ def test_a_model_that_cannot_run_in_float64_is_checked_in_float32():
     assert table.foldable and all("(float32)" in b.checked for b in table.foldable)
     # the default check runs only the touched layers, in float64 whatever forward does around them
     table = surgery.find_blocks(Float32Inside().eval(), x)
-    assert table.foldable and all("float64, layer by layer" in b.checked for b in table.foldable)
+    assert table.foldable and all("float64, local" in b.checked for b in table.foldable)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 import torch.nn.functional as F
 from small_models import mlp
@@ -44,18 +45,50 @@ def test_a_property_weight_is_refused_by_name_and_the_rest_folds(one_thread):
         assert torch.allclose(surgery.fold(paired)(X), paired(X), atol=1e-5)
 
 
-def test_a_model_random_in_eval_mode_is_told_so(one_thread):
-    class MonteCarlo(nn.Module):
+RANDOM_IN_EVAL = {
+    "MC dropout": lambda h: F.dropout(h, 0.2, training=True),
+    "dropout default": lambda h: F.dropout(h, 0.2),  # F.dropout trains unless told otherwise
+    "random mask": lambda h: h * (torch.rand_like(h) > 0.3),  # MAE-style masking
+    "bernoulli": lambda h: h * torch.bernoulli(torch.full_like(h, 0.7)),
+    "noise": lambda h: h + 0.01 * torch.randn(h.shape),
+}
+
+
+@pytest.mark.parametrize("noise", RANDOM_IN_EVAL)
+def test_a_model_random_in_eval_mode_is_told_so(one_thread, noise):
+    """Random between two layers: every fold there is exact, yet nothing can be proven on the
+    model as a whole; the reason says so, whichever way the randomness is drawn."""
+
+    class Random(nn.Module):
         def __init__(self):
             super().__init__()
             self.body = mlp([8, 16, 16, 16])
             self.head = nn.Linear(16, 4)
 
-        def forward(self, x):  # dropout kept on in eval (MC dropout)
-            return self.head(F.dropout(self.body(x), 0.2, training=True))
+        def forward(self, x):
+            return self.head(RANDOM_IN_EVAL[noise](self.body(x)))
 
-    table = surgery.find_blocks(MonteCarlo().eval(), X)
+    table = surgery.find_blocks(Random().eval(), X)
     assert table and all("not deterministic in eval mode" in b.reason for b in table)
+
+
+def test_dropout_off_in_eval_is_deterministic(one_thread):
+    """nn.Dropout and F.dropout(training=self.training) draw nothing in eval: sites are offered."""
+
+    class Regular(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp([8, 16, 16, 16])
+            self.drop = nn.Dropout(0.2)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(F.dropout(self.drop(self.body(x)), 0.1, training=self.training))
+
+    table = surgery.find_blocks(Regular().eval(), X)
+    assert [b for b in table if b.foldable] and not any(
+        "not deterministic" in (b.reason or "") for b in table
+    )
 
 
 @dataclasses.dataclass

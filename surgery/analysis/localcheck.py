@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.func import functional_call
 
 from surgery.analysis.blocks import BlockTable, Boundary
@@ -39,7 +41,6 @@ class _Call:
     order: int
     wired_from: str | None = None
     calls: int = 1
-    out_id: int = 0
 
 
 @dataclass
@@ -51,6 +52,31 @@ class LocalCheck:
     calls: dict[str, _Call] = field(default_factory=dict)
     groups: list[list[Boundary]] = field(default_factory=list)
     unsupported: list[Boundary] = field(default_factory=list)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def batches(self) -> list[list[Boundary]]:
+        """The groups merged, in order, into batches checked at once: each batch's layers hold at
+        most the largest group's elements, a sixteenth of the model's or BATCH_ELEMENTS, whichever
+        is most -- one pass per batch instead of one per group, at a bounded working set."""
+        sizes = {
+            path: sum(t.numel() for _, t in _tensors(module))
+            for path, module in self.modules.items()
+        }
+        cost = [sum(sizes[p] for p in set().union(*(region(b) for b in g))) for g in self.groups]
+        model = sum(t.numel() for _, t in _tensors(self.model))
+        budget = max([BATCH_ELEMENTS, model // 16, *cost])
+        out: list[list[Boundary]] = []
+        held = budget + 1
+        for group, elements in zip(self.groups, cost, strict=True):
+            if held + elements > budget:
+                out.append([])
+                held = 0
+            out[-1] += group
+            held += elements
+        return out
+
+
+BATCH_ELEMENTS = 1 << 21  # float64 elements of layers a batch of site groups may hold (16 MiB)
 
 
 def region(boundary: Boundary) -> set[str]:
@@ -62,62 +88,132 @@ def region(boundary: Boundary) -> set[str]:
     return {p.module for p in route.placements} | owners
 
 
+class Recorder:
+    """Records the first call of each of `modules` (path -> module) during the forwards run inside
+    it: inputs as detached references (`copy=False`, checked unchanged by their version counters
+    before use) or as copies in their own dtype, and which recorded layer's output each first input
+    is. A call seen on fake or meta tensors (a tracer's run) makes the recording unusable."""
+
+    def __init__(self, modules: dict[str, nn.Module], copy: bool) -> None:
+        self.modules, self.copy = modules, copy
+        self.calls: dict[str, _Call] = {}
+        self.usable = True
+        self._versions: list[tuple[torch.Tensor, int]] = []
+        self._outputs: dict[int, str] = {}  # id of a recorded layer's output -> the layer
+        self._keep: list[Any] = []  # those outputs, so their ids are not reused meanwhile
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Recorder:
+        for path, module in self.modules.items():
+            self._handles.append(
+                module.register_forward_pre_hook(self._pre(path), with_kwargs=True)
+            )
+            self._handles.append(module.register_forward_hook(self._post(path)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._keep.clear()
+
+    def _pre(self, path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen = self.calls.get(path)
+            if seen is not None:
+                seen.calls += 1
+                return
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            held: dict[int, Any] = {}
+            self.calls[path] = _Call(
+                self._held(args, held), self._held(kwargs, held), len(self.calls),
+                wired_from=self._outputs.get(id(first)) if isinstance(first, torch.Tensor) else None,
+            )  # fmt: skip
+
+        hook.surgery_observer = True  # reads only: capture may look through this layer
+        return hook
+
+    def _post(self, path: str):
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and self.calls[path].calls == 1:
+                self._outputs[id(out)] = path
+                self._keep.append(out)
+
+        hook.surgery_observer = True
+        return hook
+
+    def _held(self, value: Any, held: dict[int, Any]) -> Any:
+        if isinstance(value, torch.Tensor):
+            if isinstance(value, FakeTensor) or value.device.type == "meta":
+                self.usable = False
+            if id(value) not in held:
+                kept = value.detach().clone() if self.copy else value.detach()
+                self._versions.append((kept, kept._version))
+                held[id(value)] = kept
+            return held[id(value)]
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._held(v, held) for v in value)
+        if isinstance(value, dict):
+            return {k: self._held(v, held) for k, v in value.items()}
+        return value
+
+    def covers(self, paths: set[str]) -> bool:
+        """Whether every layer of `paths` was recorded, once, on inputs unchanged since."""
+        return (
+            self.usable
+            and all(p in self.calls and self.calls[p].calls == 1 for p in paths)
+            and all(t._version == v for t, v in self._versions)
+        )
+
+
+def recording(model: nn.Module) -> Recorder:
+    """A Recorder of every layer that holds parameters or buffers, taking references: wrapped
+    around the capture, its forward is the one the local check replays from (no second forward)."""
+    layers = {
+        path: m
+        for path, m in model.named_modules()
+        if path
+        and (
+            next(m.parameters(recurse=False), None) is not None
+            or next(m.buffers(recurse=False), None) is not None
+        )
+    }
+    return Recorder(layers, copy=False)
+
+
 def record(
-    model: nn.Module, inputs: tuple[Any, ...], table: BlockTable, sites: list[Boundary]
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    table: BlockTable,
+    sites: list[Boundary],
+    recorded: Recorder | None = None,
 ) -> LocalCheck:
-    """One forward of `model` (eval mode, its own dtype) recording the calls of every layer the
-    sites touch; the sites grouped by shared layers."""
+    """The calls of every layer the sites touch, from `recorded` (the capture's forward) when it
+    covers them, else from one forward of `model` (eval mode, its own dtype); the sites grouped by
+    shared layers."""
     check = LocalCheck(model, table)
     wanted = set().union(*(region(b) for b in sites)) if sites else set()
     modules = dict(model.named_modules())
     if "" in wanted or any(name not in modules for name in wanted):
         check.unsupported = list(sites)
         return check
-    outputs: dict[int, str] = {}  # id of a recorded layer's output -> the layer
-    keep: list[Any] = []  # the outputs themselves, so their ids are not reused during the forward
-
-    def pre(path: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen = check.calls.get(path)
-            if seen is not None:
-                seen.calls += 1
-                return
-            first = args[0] if args else next(iter(kwargs.values()), None)
-            copies: dict[int, Any] = {}
-            check.calls[path] = _Call(
-                _copied(args, copies), _copied(kwargs, copies), len(check.calls),
-                wired_from=outputs.get(id(first)) if isinstance(first, torch.Tensor) else None,
-            )  # fmt: skip
-
-        return hook
-
-    def post(path: str):
-        def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and check.calls[path].calls == 1:
-                outputs[id(out)] = path
-                keep.append(out)
-
-        return hook
-
-    handles = []
-    for path in wanted:
-        handles.append(modules[path].register_forward_pre_hook(pre(path), with_kwargs=True))
-        handles.append(modules[path].register_forward_hook(post(path)))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes:
-            m.training = training
-    keep.clear()
+    check.modules = {path: modules[path] for path in wanted}
+    if recorded is not None and recorded.covers(wanted):
+        check.calls = recorded.calls
+    else:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad(), Recorder(check.modules, copy=True) as fresh:
+                model(*inputs)
+        finally:
+            for m, training in modes:
+                m.training = training
+        check.calls = fresh.calls
     fine = [
         b for b in sites if all(p in check.calls and check.calls[p].calls == 1 for p in region(b))
     ]
-    check.unsupported = [b for b in sites if b not in fine]
+    replayed = {b.name for b in fine}
+    check.unsupported = [b for b in sites if b.name not in replayed]
     sets = DisjointSets()
     index = {b.name: sets.add() for b in fine}
     owner: dict[str, str] = {}
@@ -135,7 +231,7 @@ def record(
 
 def _copied(value: Any, copies: dict[int, Any]) -> Any:
     """Float64 copies of the tensors in a call's arguments (one copy per tensor: q = k = v stay
-    one object), everything else as it is."""
+    one object), everything else as it is: made per batch of sites, released with it."""
     if isinstance(value, torch.Tensor):
         if id(value) not in copies:
             copies[id(value)] = (
@@ -156,7 +252,7 @@ class LocalProbe:
     as the whole-model probe: `error(sites)`, `tolerance`, `dtype_name`)."""
 
     tolerance = 1e-9
-    dtype_name = "float64, layer by layer"
+    dtype_name = "float64, local"
 
     def __init__(self, check: LocalCheck) -> None:
         self.check = check
@@ -171,12 +267,20 @@ class LocalProbe:
             plan = build_plan(
                 check.table, [(b, check_width(b.width), False) for b in sites], check.table.bias
             )
-            pairs = make_pairs(check.model, plan, "random").double()
+            pairs = make_pairs(check.model, plan, "random", torch.float64)
             paths = sorted(
                 set().union(*(region(b) for b in sites)), key=lambda p: check.calls[p].order
             )
-            modules = dict(check.model.named_modules())
-            calls = {path: check.calls[path] for path in paths}
+            modules = check.modules
+            copies: dict[int, Any] = {}
+            calls = {
+                path: replace(
+                    check.calls[path],
+                    args=_copied(check.calls[path].args, copies),
+                    kwargs=_copied(check.calls[path].kwargs, copies),
+                )
+                for path in paths
+            }
             own = {}
             for path in paths:  # a vocabulary-sized sink layer: the rows the check needs, sliced
                 rows = _rows(modules[path], path, calls, plan, paths)  # before the float64 copy
@@ -250,15 +354,30 @@ class LocalProbe:
                     else:
                         key = next(iter(kwargs))
                         kwargs[key] = pair(kwargs[key], p.axis, p.inner, add_bias=p.bias)
-                module = modules[path]
-                out = functional_call(module, tensors[path], args, kwargs)
+                out = _run(modules[path], tensors[path], args, kwargs)
                 for pair, p in actions.get((path, "output"), []):
                     out = pair(out, p.axis, p.inner, add_bias=p.bias)
                 outs[path] = out
         return outs
 
 
-ROWS = 256  # output rows a Linear sink is checked on (each row folds on its own)
+def _run(
+    module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict[str, Any]
+) -> Any:
+    """`module`'s forward with `tensors` as its parameters and buffers: a plain Linear or Conv
+    through its own kernel call (a tenth of functional_call's cost, which the check pays per layer
+    per site), anything else through functional_call."""
+    kind = type(module)
+    if len(args) == 1 and not kwargs and set(tensors) <= {"weight", "bias"}:
+        if kind is nn.Linear:
+            return F.linear(args[0], tensors["weight"], tensors.get("bias"))
+        if kind in CONVS:
+            return module._conv_forward(args[0], tensors["weight"], tensors.get("bias"))
+    return functional_call(module, tensors, args, kwargs)
+
+
+ROWS = 16  # output rows a Linear or Conv sink is checked on (each row folds on its own)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _rows(
@@ -266,7 +385,8 @@ def _rows(
 ) -> torch.Tensor | None:
     """The rows of a sink layer's weight the check needs, when no pair of the group acts on its
     rows (so each row folds on its own): an Embedding's rows its recorded ids look up, a Linear's
-    ROWS evenly spaced output rows. None: the whole layer (anything else, or small enough)."""
+    or an ungrouped Conv's ROWS evenly spaced output rows (channels). None: the whole layer
+    (anything else, or small enough)."""
     if any(calls[q].wired_from == path for q in paths):
         return None  # another layer of the group reads its whole output
     names = {f"{path}.{n}" for n, _ in _tensors(module)}
@@ -278,8 +398,15 @@ def _rows(
     kind = type(module)
     if kind is nn.Embedding and module.max_norm is None and calls[path].args:
         return torch.unique(calls[path].args[0])
-    if kind is nn.Linear and module.out_features > ROWS:
-        return torch.div(torch.arange(ROWS) * module.out_features, ROWS, rounding_mode="floor")
+    outputs = (
+        module.out_features
+        if kind is nn.Linear
+        else module.out_channels
+        if kind in CONVS and module.groups == 1
+        else 0
+    )
+    if outputs > ROWS:
+        return torch.div(torch.arange(ROWS) * outputs, ROWS, rounding_mode="floor")
     return None
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from surgery.analysis.blocks import NOT_CHECKED, BlockTable, Boundary
-from surgery.analysis.localcheck import LocalProbe, record
+from surgery.analysis.localcheck import LocalProbe, Recorder, record
 from surgery.rewrites import RULES
 from surgery.runtime.attach import apply_plan, build_plan
 from surgery.runtime.fold import fold
@@ -28,20 +28,25 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3}  # normwise relative; ~1e
 # a site whose check would cost more float64 multiply-adds than this is reported unchecked (VGG's
 # 25088 x 4096 classifier costs 7e9 with the checking pairs taken as their factors)
 SITE_FLOP_BUDGET = 2e10
-CHECK_RANK = 32  # the rank of the checking pairs' W (see check_width)
+CHECK_RANK = 8  # the rank of the checking pairs' W (see check_width)
 
 
 CHECKS = ("local", "full")
 
 
 def self_check(
-    model: nn.Module, inputs: tuple[Any, ...], table: BlockTable, mode: str = "local"
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    table: BlockTable,
+    mode: str = "local",
+    recorded: Recorder | None = None,
 ) -> BlockTable:
     """Run the numeric check on every foldable boundary of `table` (in place; returned for
     chaining): each gets `checked` = the measured error, or is refused (`route` None) with the
     reason. On the meta device, and for a site over SITE_FLOP_BUDGET, it says it was not checked.
     mode "local" (the default) checks each group of sites on the layers they touch, from one
-    recorded forward (surgery.analysis.localcheck); "full" folds a float64 copy of the whole model."""
+    recorded forward (surgery.analysis.localcheck; `recorded`: the capture's, when it covers the
+    sites); "full" folds a float64 copy of the whole model."""
     if mode not in CHECKS:
         raise ValueError(f"check must be True, False or one of {CHECKS}, got {mode!r}")
     candidates = [b for b in table if b.foldable]
@@ -61,26 +66,29 @@ def self_check(
     if not candidates:
         return table
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unsteady = random_in_eval(model, inputs)
-        if unsteady:
-            for boundary in candidates:
-                boundary.reason = unsteady
-                boundary.route = None
-                boundary.checked = "failed: the model is not deterministic"
-            return table
+        # a model drawing random numbers in eval cannot be proven on (two runs differ): asked up
+        # front where the graph draws any, else only when a site fails (then it may be the cause)
+        unsteady = draws_random(table) and random_in_eval(model, inputs)
         verdicts: dict[str, tuple[float, str, str]] = {}  # site -> (error, why, how) or refused
-        if mode == "local":
-            local = record(model, inputs, table, candidates)
-            for group in local.groups:
-                torch.manual_seed(0)
-                verdicts.update(_checked(LocalProbe(local), group))
+        if not unsteady and mode == "local":
+            local = record(model, inputs, table, candidates, recorded)
+            for batch in local.batches():
+                _reseed()
+                verdicts.update(_checked(LocalProbe(local), batch))
             rest = local.unsupported
         else:
-            rest = candidates
+            rest = [] if unsteady else candidates
         if rest:
-            torch.manual_seed(0)
+            _reseed()
             verdicts.update(_checked(_Probe(model, inputs, table), rest))
+        if any(v[2] == "refused" for v in verdicts.values()):
+            unsteady = random_in_eval(model, inputs)
+    if unsteady:
+        for boundary in candidates:
+            boundary.reason = unsteady
+            boundary.route = None
+            boundary.checked = "failed: the model is not deterministic"
+        return table
     for boundary in candidates:
         measured, why, how = verdicts[boundary.name]
         if how == "refused":
@@ -93,6 +101,12 @@ def self_check(
         else:
             boundary.checked = f"checked: rel err {measured:.0e} ({how})"
     return table
+
+
+def _reseed() -> None:
+    """The checking pairs' draws from a fixed seed (they are drawn on the CPU; torch.manual_seed
+    would also seed every accelerator backend, a stack trace per call)."""
+    torch.random.default_generator.manual_seed(0)
 
 
 def _checked(probe: Any, candidates: list[Boundary]) -> dict[str, tuple[float, str, str]]:
@@ -114,6 +128,37 @@ def _checked(probe: Any, candidates: list[Boundary]) -> dict[str, tuple[float, s
         else (joint, "", probe.dtype_name)
         for b in candidates
     }
+
+
+# ops that draw random numbers (fx and aten names); the dropout family only when training is on
+RANDOM_OPS = {
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
+    "bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "uniform_", "exponential_",
+    "geometric_", "cauchy_", "log_normal_", "random_", "poisson", "gumbel_softmax",
+}  # fmt: skip
+# dropout-like functions -> (position of `training`, its default)
+DROPOUTS = {
+    "dropout": (2, True), "dropout1d": (2, True), "dropout2d": (2, True),
+    "dropout3d": (2, True), "alpha_dropout": (2, False), "feature_alpha_dropout": (2, False),
+    "native_dropout": (2, True), "rrelu": (3, False), "rrelu_": (3, False),
+}  # fmt: skip
+
+
+def draws_random(table: BlockTable) -> bool:
+    """Whether the captured forward calls a random-number op (a dropout with training on)."""
+    for op in table.flow.ops.values():
+        fn = op.attrs.get("fn")
+        if fn in RANDOM_OPS:
+            return True
+        if fn in DROPOUTS:
+            index, default = DROPOUTS[fn]
+            args, kwargs = op.attrs.get("args", ()), op.attrs.get("kwargs", {})
+            training = kwargs.get("training", kwargs.get("train", default))
+            if len(args) > index:
+                training = args[index]
+            if training is not False:
+                return True
+    return False
 
 
 def random_in_eval(model: nn.Module, inputs: tuple[Any, ...]) -> str | None:

@@ -119,7 +119,8 @@ def why_not_its_base(m: nn.Module) -> str | None:
         )
         return f"{cls.__name__} overrides the forward of {base.__name__}: not folded through as one"
     hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-    if any(not getattr(hook, "surgery_pair", False) for hook in hooks):
+    ours = ("surgery_pair", "surgery_observer")  # pairs (accounted for); recorders (read only)
+    if any(not any(getattr(hook, mark, False) for mark in ours) for hook in hooks):
         return f"{cls.__name__} has forward hooks that change what it computes"
     if torch.nn.utils.parametrize.is_parametrized(m):
         return f"{cls.__name__} has parametrized weights (weight_norm, spectral_norm, ...)"

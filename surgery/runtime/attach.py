@@ -92,10 +92,15 @@ def attached(
 
 
 def make_pairs(
-    model: nn.Module, plan: Plan, init: str | Callable[[Pair, Site], None] = "identity"
+    model: nn.Module,
+    plan: Plan,
+    init: str | Callable[[Pair, Site], None] = "identity",
+    dtype: torch.dtype | None = None,
 ) -> PairDict:
-    """The plan's pairs on `model`'s device and dtype, initialised by `init` (not on meta)."""
-    device, dtype = _device_dtype(model)
+    """The plan's pairs on `model`'s device and dtype (or `dtype`), initialised by `init` (not on
+    meta)."""
+    device, own = _device_dtype(model)
+    dtype = dtype or own
     init_fn = _init_fn(init)
     pairs = {}
     for site in plan.sites:

@@ -190,14 +190,15 @@ def init_identity(pair: Pair, site: Site | None = None) -> None:
 
 @torch.no_grad()
 def init_random(pair: Pair, site: Site | None = None) -> None:
-    """A generic non-identity pair with unit gain on average (for tests and experiments)."""
-    pair.widen.weight.copy_(torch.randn(pair.D, pair.d, dtype=torch.float64) / pair.d**0.5)
+    """A generic non-identity pair with unit gain on average (for tests and experiments; drawn in
+    float32, five times faster than float64 normals, which the self-check's many pairs feel)."""
+    pair.widen.weight.copy_(torch.randn(pair.D, pair.d) / pair.d**0.5)
     if pair.widen.bias is not None:
-        pair.widen.bias.copy_(0.1 * torch.randn(pair.D, dtype=torch.float64))
+        pair.widen.bias.copy_(0.1 * torch.randn(pair.D))
     if pair.narrow is not None:
-        pair.narrow.weight.copy_(torch.randn(pair.d, pair.D, dtype=torch.float64) / pair.D**0.5)
+        pair.narrow.weight.copy_(torch.randn(pair.d, pair.D) / pair.D**0.5)
         if pair.narrow.bias is not None:
-            pair.narrow.bias.copy_(0.1 * torch.randn(pair.d, dtype=torch.float64))
+            pair.narrow.bias.copy_(0.1 * torch.randn(pair.d))
 
 
 INITS: dict[str, InitFn] = {"identity": init_identity, "random": init_random}
