@@ -355,8 +355,8 @@ def test_imitation_with_earlier_blocks_at_reduced_lr_and_warmup(trained_teacher)
     [("after_finetune", 37, 0.1), ("after_imitation", 23, 0.3), ("after_imitation", 40, 0.0)],
 )
 def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge, steps, share):
-    """Every optimizer step counted: imitation, the rate probes, fine-tuning; a share of 0 is the
-    start followed by fine-tuning only."""
+    """Every optimizer step counted: the start's probes, imitation, the rate probes, fine-tuning;
+    a share of 0 is the start followed by fine-tuning only."""
     counted = []
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: counted.append(1))
     try:
@@ -369,9 +369,15 @@ def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge
     assert len(counted) == steps
     imitated = sum(len(v) for k, v in result.log.stages.items() if k.startswith("imitate"))
     probed = sum(len(v) for k, v in result.log.stages.items() if k.startswith("rate probe"))
-    assert probed == 3 * max(1, round(0.03 * (steps - imitated)))  # the fine-tuning rate, measured
+    started = sum(len(v) for k, v in result.log.stages.items() if k.startswith("start probe"))
+    assert started == result.log.spent
+    # the start's candidates (own, 3 selections x refit or not) distil 2% each when that fits
+    each = max(1, round(0.02 * steps))
+    assert started == (7 * each if 7 * each * 4 <= steps else 0)
+    tuned = steps - imitated - started
+    assert probed == 3 * max(1, round(0.03 * tuned))  # the fine-tuning rate, measured
     assert imitated == round(steps * share)
-    assert len(result.log.stages["fine-tune"]) + probed == steps - imitated
+    assert len(result.log.stages["fine-tune"]) + probed == tuned
     with pytest.raises(surgery.PlanError, match="restarts"):
         win.win(
             DeepThin(), trained_teacher, synthetic_batches(), X, win.Recipe(steps=10, restarts=1)
@@ -407,7 +413,7 @@ def test_a_budget_takes_the_measured_recipe_and_a_schedule_the_papers():
     the paper's Section 5 choices; a field the user set is kept in both."""
     fields = ("sampled_start", "least_squares_start", "loss", "merge", "sample_select")
     budget = win.Recipe(steps=100).for_model(DeepThin(), X)
-    measured = (True, True, "nmse", "after_imitation", "energy")
+    measured = (True, True, "nmse", "after_imitation", "measured")
     assert tuple(getattr(budget, f) for f in fields) == measured
     paper = win.Recipe(imitation_steps=10, finetune_steps=90).for_model(DeepThin(), X)
     assert tuple(getattr(paper, f) for f in fields) == (
@@ -424,5 +430,32 @@ def test_a_budget_takes_the_measured_recipe_and_a_schedule_the_papers():
         True,
         "ln",
         "after_finetune",
-        "energy",
+        "measured",
+    )
+
+
+def test_the_measured_start_keeps_the_candidate_that_distils_best(trained_teacher):
+    """Every candidate start distils for the same few steps; the log lists each one's held-out
+    distillation loss after them, and the model kept is the lowest one's (its run continues)."""
+    from surgery.win.start import held_out_batch, recipe_start, start_quality
+
+    torch.manual_seed(3)
+    student, batches = DeepThin(), synthetic_batches()
+    recipe = win.Recipe(steps=200).for_model(student, X)
+    runs: dict[str, float] = {}
+
+    def probe(model, steps, stage):
+        win.train(model, batches, steps, lr=0.01, teacher=trained_teacher)
+        runs[stage] = steps
+
+    log = recipe_start(student, trained_teacher, batches, X, recipe, probe=probe, steps=200)
+    names = ["own initialisation"] + [
+        f"{s}{r}" for s in ("first", "uniform", "energy") for r in ("", ", refitted")
+    ]
+    assert sorted(log.start) == sorted(f"{n}, after 4 steps" for n in names)
+    assert sorted(runs) == sorted(f"start probe: {n}" for n in names)
+    assert log.spent == 4 * len(names)
+    held_out = held_out_batch(batches, recipe.sample_refit)
+    assert start_quality(student, trained_teacher, held_out) == pytest.approx(
+        min(log.start.values()), rel=1e-6
     )

@@ -447,9 +447,12 @@ class Recipe:
     # most of the measured gain, README)
     sampled_start: bool | None = None
     sample_scale: str | float = "none"  # plain slice; "fan_in" (x D/d), "sqrt": sample_from_teacher
-    # attention models: "random" units (the paper) or "energy" (the most energetic features and heads
-    # of the teacher, sample_from_teacher); None: "energy" with a budget (measured, README)
+    # which teacher units the start takes: "random" (the paper), "first", "uniform", "energy" (the
+    # most energetic features and heads, sample_from_teacher), or "measured": each of those and the
+    # student's own initialisation distil for `start_probe` of the budget and the best is kept
+    # (win/start.py; the probe steps count in the budget); None: "measured" with a budget
     sample_select: str | None = None
+    start_probe: float = 0.02
     reset_narrow: bool = False  # M2 := pinv(M1) after each stage (pairs pass features on unchanged)
     sample_refit: int = (
         512  # examples of `batches` the sampled layers are refitted on (0: copy only)
@@ -496,7 +499,7 @@ class Recipe:
             least_squares_start=measured,
             loss="nmse" if measured else "mse",
             merge="after_imitation" if measured else "after_finetune",
-            sample_select="energy" if measured else "random",
+            sample_select="measured" if measured else "random",
         )
         return replace(self, **{k: v for k, v in chosen.items() if getattr(self, k) is None})
 
@@ -608,6 +611,17 @@ def finetune_options(recipe: Recipe, teacher: nn.Module) -> dict[str, Any]:
     )
 
 
+def _distiller(
+    teacher: nn.Module, batches: Iterable[Batch], recipe: Recipe, log: Log
+) -> Callable[[nn.Module, int, str], list[float]]:
+    """KD fine-tuning of a model for a few steps at the middle of the rate grid (or the recipe's
+    fine-tuning rate): how the start's candidates are compared (`measured_start`)."""
+    rates = list(recipe.finetune_rates or ())
+    rate = recipe.finetune_lr or (rates[len(rates) // 2] if rates else 1e-3)
+    options = {**finetune_options(recipe, teacher), "lr": rate, "log": log}
+    return lambda model, steps, stage: train(model, batches, steps, **{**options, "stage": stage})
+
+
 def _finetune(
     model: nn.Module,
     teacher: nn.Module,
@@ -639,9 +653,9 @@ def _finetuned(
     log: Log,
 ) -> WinResult:
     """`win` with `imitation_share=0`: the start, then fine-tuning for the whole budget."""
-    steps = budget(recipe, len(stages))[1]
+    steps = budget(recipe, len(stages))[1] - log.spent
     held_out = held_out_batch(batches, recipe.sample_refit if recipe.sampled_start else 0)
-    _finetune(student, teacher, batches, recipe, steps, 0, held_out, log)
+    _finetune(student, teacher, batches, recipe, steps, log.spent, held_out, log)
     thin = gathered(student)
     return WinResult(thin.eval(), thin, log, {}, [])
 
@@ -722,7 +736,8 @@ def win(
     student = copy.deepcopy(student)
     log = Log()
     if recipe.sampled_start:
-        recipe_start(student, teacher, batches, inputs, recipe, log)
+        distil = _distiller(teacher, batches, recipe, log)
+        recipe_start(student, teacher, batches, inputs, recipe, log, distil, recipe.steps or 0)
     table, t_table, stages = _stage_tables(student, teacher, inputs, recipe.stages, recipe.mapping)
     if recipe.steps is not None and recipe.imitation_share == 0:
         return _finetuned(student, teacher, batches, recipe, stages, log)
@@ -787,7 +802,8 @@ def win(
             f"merge must be 'after_finetune' or 'after_imitation', got {recipe.merge!r}"
         )
     tuned = fold(paired.eval()) if recipe.merge == "after_imitation" else paired
-    _finetune(tuned, teacher, batches, recipe, finetune_steps, imitation_total, held_out, log)
+    spent = imitation_total + log.spent  # the start's probes, then imitation, then fine-tuning
+    _finetune(tuned, teacher, batches, recipe, finetune_steps - log.spent, spent, held_out, log)
     if recipe.merge == "after_imitation":
         thin = gathered(tuned)  # a plain model again when fine-tuning sharded it
     else:

@@ -1,7 +1,12 @@
-"""The recipe's start, measured: the thin student taken from the teacher step by step (select the
-teacher's units, copy them, refit the layers that lost units), each step kept only if it does not
-make the *start quality* worse or non-finite: the distillation loss (KL from the teacher's to the
-student's outputs) on held-out calibration inputs. What each step measured goes into the run's log.
+"""The recipe's start, measured. With a budget (`sample_select="measured"`), candidates -- the
+student's own initialisation, and the teacher's units taken as a plain slice ("first"), evenly
+spaced ("uniform") or by energy, each copied with and without a least-squares refit -- each
+distil for a few steps from the teacher, and the one whose held-out distillation loss ends lowest
+is kept with its run: the loss at the start itself does not predict the end (a refitted start can
+be far better at step 0 and worse after fine-tuning). Otherwise the thin student is taken step by
+step (select, copy, refit), each step kept only if it does not make the *start quality* worse or
+non-finite: the distillation loss (KL from the teacher's to the student's outputs) on held-out
+calibration inputs. What each candidate or step measured goes into the run's log.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from .sample import Selection, _eval
 from .steps import Log, distributed, mean_over_ranks, restore, snapshot
 
 Batch = tuple[Any, Any]
+Probe = Callable[[nn.Module, int, str], Any]  # (model, steps, stage name): distil it in place
 TOLERANCE = 1e-3  # a step changing the measure by less than this (relative) changed nothing
+MEASURED = ("first", "uniform", "energy")  # the teacher-unit selections a measured start tries
 
 
 @torch.no_grad()
@@ -87,11 +94,15 @@ def recipe_start(
     inputs: Any,
     recipe: Any,
     log: Log | None = None,
+    probe: Probe | None = None,
+    steps: int = 0,
 ) -> Log:
     """The recipe's sampled start, in place: the teacher's units chosen by `sample_select` (on
     `sample_refit` examples of `batches`), copied with `sample_scale`, each changed layer refitted
     on those examples (none when 0); the batch after them is the held-out calibration batch on which
-    each step must not make the start worse (`kept_if_better`). Under torchrun, rank 0's start."""
+    each step must not make the start worse (`kept_if_better`). `sample_select="measured"`: the
+    candidates of `measured_start`, each distilled by `probe` for `recipe.start_probe` of `steps`
+    student steps (`log.spent` says how many in all). Under torchrun, rank 0's start."""
     log = log if log is not None else Log()
     if is_sharded(teacher):
         raise PlanError(
@@ -106,6 +117,10 @@ def recipe_start(
     def quality() -> float:
         return start_quality(student, teacher, held_out)
 
+    if recipe.sample_select == "measured":
+        measured_start(student, teacher, inputs, recipe, fit, quality, log, probe, steps)
+        same_on_every_rank(student)
+        return log
     before = mean_over_ranks(quality())
     log.start["own initialisation"] = before
     selection = Selection(student, teacher, inputs, scale=recipe.sample_scale)
@@ -119,6 +134,59 @@ def recipe_start(
             kept_if_better(student, lambda: selection.refit(fit), quality, after, "refit", log)
     same_on_every_rank(student)
     return log
+
+
+def measured_start(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: Any,
+    recipe: Any,
+    fit: tuple[Any, ...] | None,
+    quality: Callable[[], float],
+    log: Log,
+    probe: Probe | None,
+    steps: int,
+) -> str:
+    """Try every candidate start on `student` (its own initialisation; each of MEASURED copied,
+    and refitted on `fit` when given), distil each for `recipe.start_probe` of `steps` with `probe`,
+    keep the one whose `quality` ends lowest, with its run. Without a probe, or when the probes
+    would take more than a quarter of `steps`, candidates are ranked at the start itself.
+    Returns the chosen candidate's name; `log.spent` counts the probe steps."""
+    names = ["own initialisation"]
+    selections: dict[str, Selection] = {}
+    for select in MEASURED:
+        selections[select] = Selection(student, teacher, inputs, scale=recipe.sample_scale)
+        selections[select].choose(select, calibration=fit)
+        names += [select] + ([f"{select}, refitted"] if fit is not None else [])
+    for note in dict.fromkeys(n for s in selections.values() for n in s.notes):
+        log.event(f"start: {note}")
+    n = max(1, round(recipe.start_probe * steps)) if probe is not None else 0
+    if n * len(names) * 4 > steps:
+        n = 0
+    original = snapshot(student)
+    best: tuple[float, str, dict[str, torch.Tensor]] | None = None
+    for name in names:
+        restore(student, original)
+        select = name.split(",")[0]
+        with torch.no_grad():
+            if select in selections:
+                selections[select].copy()
+            if name.endswith("refitted"):
+                selections[select].refit(fit)
+        if n and math.isfinite(mean_over_ranks(quality())):
+            probe(student, n, f"start probe: {name}")
+            log.spent += n
+        score = mean_over_ranks(quality())
+        log.start[f"{name}, after {n} steps"] = score
+        if math.isfinite(score) and (best is None or score < best[0]):
+            best = (score, name, snapshot(student))
+    if best is None:
+        restore(student, original)
+        log.event("start: every candidate start is non-finite; the student's own kept")
+        return names[0]
+    restore(student, best[2])
+    log.event(f"start: {best[1]} chosen (distillation loss {best[0]:.4g} after {n} steps)")
+    return best[1]
 
 
 def held_out_batch(batches: Iterable[Batch], used: int) -> tuple[Any, ...]:

@@ -38,6 +38,7 @@ class Log:
     stages: dict[str, list[float]] = field(default_factory=dict)
     start: dict[str, float] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
+    spent: int = 0  # student steps the start spent choosing itself (counted in the budget)
 
     def add(self, stage: str, value: float) -> None:
         self.stages.setdefault(stage, []).append(value)
