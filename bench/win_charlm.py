@@ -7,7 +7,7 @@ student steps; metric: test bits/char.
     python bench/win_charlm.py            # 3 seeds, the default size
     python bench/win_charlm.py --quick    # 2 seeds, 300 steps
     python bench/win_charlm.py --teacher-steps 1000 --lr 3e-3   # the defaults before 2026-12-01
-    python bench/win_charlm.py --teacher-lr 5e-3   # the first 3-seed run of 2026-12-02 (README)
+    python bench/win_charlm.py --teacher-lr 5e-3   # the first 3-seed run of 2026-12-02 (docs/results.md)
 """
 
 from __future__ import annotations
@@ -128,11 +128,11 @@ def main() -> None:
         evaluate=bits_per_char,
         steps=steps,
         # stage 1, not the student's budget: a teacher trained as long as the student is only
-        # ~0.15 bits/char better; 3x as long, ~0.4 (measured, README)
+        # ~0.15 bits/char better; 3x as long, ~0.4 (measured, docs/results.md)
         teacher_steps=args.teacher_steps or 3 * steps,
         lr=args.lr,
-        teacher_lr=args.teacher_lr,  # at 5e-3 it is better (2.01 vs 2.03) but WIN from it worse (README)
-        finetune_lr=args.lr,  # fine-tuning the sampled start at 1e-3 / 2e-3 ended worse (README)
+        teacher_lr=args.teacher_lr,  # at 5e-3 it is better (2.01 vs 2.03) but WIN from it worse (docs/results.md)
+        finetune_lr=args.lr,  # fine-tuning the sampled start at 1e-3 / 2e-3 ended worse (docs/results.md)
         imitation_lr=1e-3,
         optimizer="adam",
         warmup=0.05,

@@ -45,7 +45,7 @@ class DeepThinCNN(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-# WIN is win.Recipe(steps=N) with the library's defaults (measured with bench/win_diag.py, README),
+# WIN is win.Recipe(steps=N) with the library's defaults (measured with bench/win_diag.py, docs/results.md),
 # the learning rates below, and KD at T=2 (the KD baseline too)
 RECIPE = dict(temperature=2.0)
 

@@ -95,6 +95,10 @@ def pair_roles(probe_only: bool, bias: bool) -> list[str]:
 
 @dataclass
 class Plan:
+    """Where every pair of a paired model sits and how it folds: the sites, with the model class,
+    capture back end and example shapes it was planned on. JSON via `to_json` / `Plan.from_json`,
+    so a checkpoint can be folded with no model code."""
+
     model_class: str
     capture: str
     example_shapes: list[list[int]]

@@ -444,7 +444,7 @@ class Recipe:
     loss: str | None = None
     mapping: Mapping_ = "same"  # student site -> teacher block: "same", k (1:k), or a dict
     # Assumption 3.4: thin layers sampled from the wide ones (None: with a budget only; it carries
-    # most of the measured gain, README)
+    # most of the measured gain, docs/results.md)
     sampled_start: bool | None = None
     sample_scale: str | float = "none"  # plain slice; "fan_in" (x D/d), "sqrt": sample_from_teacher
     # which teacher units the start takes: "random" (the paper), "first", "uniform", "energy" (the
@@ -510,6 +510,11 @@ def _clip(value: float | None) -> float | None:
 
 @dataclass
 class WinResult:
+    """What `win` returns: `thin`, the trained student in its own architecture (pairs folded);
+    `paired`, the paired model that was folded (the thin one when nothing was imitated); the
+    run's `log`; the final imitation loss per stage (`imitation`); and the `stages` (site names
+    per stage) that were imitated."""
+
     thin: nn.Module
     paired: nn.Module
     log: Log
