@@ -29,7 +29,9 @@ def main(out: str) -> None:
     )
     flat = torch.cat([p.detach().flatten() for p in paired.parameters()])
     # the measured recipe under FSDP2: its start is fitted on each rank's own batches
-    recipe = win.Recipe(steps=6, stages=[["blocks.0"]], sharding="fsdp", sample_refit=64)
+    recipe = win.Recipe(
+        steps=6, stages=[["blocks.0"]], sharding="fsdp", sample_refit=64, imitation_share=0.1
+    )  # imitating too: the pairs, the fold and the fine-tuning all run sharded
     started = copy.deepcopy(student)
     recipe_start(started, teacher, batches, x, recipe.for_model(started, x))
     start = torch.cat([p.detach().flatten() for p in started.parameters()])

@@ -371,9 +371,9 @@ def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge
     probed = sum(len(v) for k, v in result.log.stages.items() if k.startswith("rate probe"))
     started = sum(len(v) for k, v in result.log.stages.items() if k.startswith("start probe"))
     assert started == result.log.spent
-    # the start's candidates (own, 3 selections x refit or not) distil 2% each when that fits
+    # the start's candidates (own, 3 selections of the teacher's units) distil 2% each when that fits
     each = max(1, round(0.02 * steps))
-    assert started == (7 * each if 7 * each * 4 <= steps else 0)
+    assert started == (4 * each if 4 * each * 4 <= steps else 0)
     tuned = steps - imitated - started
     assert probed == 3 * max(1, round(0.03 * tuned))  # the fine-tuning rate, measured
     assert imitated == round(steps * share)
@@ -449,9 +449,7 @@ def test_the_measured_start_keeps_the_candidate_that_distils_best(trained_teache
         runs[stage] = steps
 
     log = recipe_start(student, trained_teacher, batches, X, recipe, probe=probe, steps=200)
-    names = ["own initialisation"] + [
-        f"{s}{r}" for s in ("first", "uniform", "energy") for r in ("", ", refitted")
-    ]
+    names = ["own initialisation", "first", "uniform", "energy"]
     assert sorted(log.start) == sorted(f"{n}, after 4 steps" for n in names)
     assert sorted(runs) == sorted(f"start probe: {n}" for n in names)
     assert log.spent == 4 * len(names)

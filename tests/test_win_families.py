@@ -51,14 +51,20 @@ def family(request, one_thread):
     return request.param, fam.build(), fam.inputs(), fam.batches()
 
 
-def test_win_runs_with_the_defaults_and_keeps_ties(family):
+@pytest.mark.parametrize("imitating", [False, True], ids=["defaults", "imitation"])
+def test_win_runs_with_the_defaults_and_keeps_ties(family, imitating):
+    """The defaults (the measured start, then KD), and the same with WIN's imitation stage on
+    (imitation_share=0.1: pairs inserted, imitated, folded)."""
     name, student, x, batches = family
     teacher = win.widen(student, 2.0, x)
-    result = win.win(student, teacher, batches, x, win.Recipe(steps=STEPS))
+    recipe = win.Recipe(steps=STEPS, imitation_share=0.1) if imitating else win.Recipe(steps=STEPS)
+    result = win.win(student, teacher, batches, x, recipe)
     assert type(result.thin) is type(student)
     assert torch.isfinite(_out(result.thin, x)).all(), name
     assert _out(result.thin, x).shape == _out(student, x).shape
-    assert {s for chunk in result.stages for s in chunk}, name
+    if imitating:
+        assert {s for chunk in result.stages for s in chunk}, name
+        assert any(k.startswith("imitate") for k in result.log.stages), name
     for tie in _ties(student):  # tied embedding and head: one tensor in the paired and thin model
         assert tie in _ties(result.thin) and _same_storage(result.thin, tie), (name, tie)
         assert tie in _ties(result.paired) and _same_storage(result.paired, tie), (name, tie)

@@ -1,10 +1,11 @@
 """The recipe's start, measured. With a budget (`sample_select="measured"`), candidates -- the
 student's own initialisation, and the teacher's units taken as a plain slice ("first"), evenly
-spaced ("uniform") or by energy, each copied with and without a least-squares refit -- each
-distil for a few steps from the teacher, and the one whose held-out distillation loss ends lowest
-is kept with its run: the loss at the start itself does not predict the end (a refitted start can
-be far better at step 0 and worse after fine-tuning). Otherwise the thin student is taken step by
-step (select, copy, refit), each step kept only if it does not make the *start quality* worse or
+spaced ("uniform") or by energy -- each distil for a few steps from the teacher, and the one whose
+held-out distillation loss ends lowest is kept with its run: the loss at the start itself does not
+predict the end (a start refitted by least squares is far better at step 0 and no better after
+fine-tuning: on the validation splits of bench/win_eval.py the refitted candidates won the short
+probes and ended no better, so they are not candidates). Otherwise the thin student is taken step
+by step (select, copy, refit), each step kept only if it does not make the *start quality* worse or
 non-finite: the distillation loss (KL from the teacher's to the student's outputs) on held-out
 calibration inputs. What each candidate or step measured goes into the run's log.
 """
@@ -148,16 +149,16 @@ def measured_start(
     steps: int,
 ) -> str:
     """Try every candidate start on `student` (its own initialisation; each of MEASURED copied,
-    and refitted on `fit` when given), distil each for `recipe.start_probe` of `steps` with `probe`,
-    keep the one whose `quality` ends lowest, with its run. Without a probe, or when the probes
-    would take more than a quarter of `steps`, candidates are ranked at the start itself.
+    the units chosen on `fit` when given), distil each for `recipe.start_probe` of `steps` with
+    `probe`, keep the one whose `quality` ends lowest, with its run. Without a probe, or when the
+    probes would take more than a quarter of `steps`, candidates are ranked at the start itself.
     Returns the chosen candidate's name; `log.spent` counts the probe steps."""
     names = ["own initialisation"]
     selections: dict[str, Selection] = {}
     for select in MEASURED:
         selections[select] = Selection(student, teacher, inputs, scale=recipe.sample_scale)
         selections[select].choose(select, calibration=fit)
-        names += [select] + ([f"{select}, refitted"] if fit is not None else [])
+        names.append(select)
     for note in dict.fromkeys(n for s in selections.values() for n in s.notes):
         log.event(f"start: {note}")
     n = max(1, round(recipe.start_probe * steps)) if probe is not None else 0
@@ -167,12 +168,9 @@ def measured_start(
     best: tuple[float, str, dict[str, torch.Tensor]] | None = None
     for name in names:
         restore(student, original)
-        select = name.split(",")[0]
         with torch.no_grad():
-            if select in selections:
-                selections[select].copy()
-            if name.endswith("refitted"):
-                selections[select].refit(fit)
+            if name in selections:
+                selections[name].copy()
         if n and math.isfinite(mean_over_ranks(quality())):
             probe(student, n, f"start probe: {name}")
             log.spent += n
