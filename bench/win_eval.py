@@ -462,34 +462,54 @@ def protocol(
             "teacher": teacher_test, "seconds": time.time() - started}  # fmt: skip
 
 
+def paired_ci(values: list[float], against: list[float]) -> str:
+    """The mean of the per-seed differences `values - against` and its paired 95% confidence
+    interval (t with n-1 degrees of freedom)."""
+    n = len(values)
+    diffs = [v - a for v, a in zip(values, against, strict=True)]
+    mean = statistics.mean(diffs)
+    half = T_975.get(n - 1, 2.0) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+    return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
+
+
 def table(bench: Bench, result: dict) -> str:
     test, seeds = result["test"], sorted(next(iter(result["test"].values())))
     kd = [test["KD (tuned)"][s].metric for s in seeds]
+    default = [test["default recipe"][s].metric for s in seeds]
     vanilla = statistics.mean(test["vanilla"][s].metric for s in seeds)
     teacher = statistics.mean(result["teacher"])
     n = len(seeds)
-    t = T_975.get(n - 1, 2.0)
     lines = [
         f"{bench.name}: test {bench.metric} ({'lower' if bench.lower_is_better else 'higher'} is better), "
         f"{n} fresh seeds, {bench.steps} student steps; teacher {teacher:.4f} (2x wide, {bench.teacher_steps} steps)",
-        f"{'row':24s} {'mean':>8s} {'std':>7s} {'gap closed':>10s} {'row - tuned KD [95% CI]':>30s} {'TFLOPs':>8s} {'steps to vanilla':>16s}",
+        f"{'row':21s} {'mean':>7s} {'std':>7s} {'gap closed':>10s} {'row - tuned KD [95% CI]':>29s} "
+        f"{'row - default [95% CI]':>29s} {'TFLOPs':>7s} {'steps to vanilla':>16s}",
     ]
-    final_vanilla = vanilla
     for row in GRIDS:
         values = [test[row][s].metric for s in seeds]
         mean, std = statistics.mean(values), statistics.stdev(values) if n > 1 else 0.0
-        diffs = [v - k for v, k in zip(values, kd, strict=True)]
-        dm = statistics.mean(diffs)
-        half = t * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else float("nan")
         gap = 100 * (vanilla - mean) / (vanilla - teacher) if vanilla != teacher else float("nan")
         flops = statistics.mean(test[row][s].flops for s in seeds) / 1e12
-        reach = _steps_to(bench, [test[row][s].curve for s in seeds], final_vanilla)
-        ci = "" if row == "KD (tuned)" else f"{dm:+.4f} [{dm - half:+.4f}, {dm + half:+.4f}]"
+        reach = _steps_to(bench, [test[row][s].curve for s in seeds], vanilla)
+        vs_kd = "" if row == "KD (tuned)" else paired_ci(values, kd)
+        vs_default = "" if row == "default recipe" else paired_ci(values, default)
         lines.append(
-            f"{row:24s} {mean:8.4f} {std:7.4f} {gap:9.1f}% {ci:>30s} {flops:8.3f} {reach:>16s}"
+            f"{row:21s} {mean:7.4f} {std:7.4f} {gap:9.1f}% {vs_kd:>29s} {vs_default:>29s} "
+            f"{flops:7.3f} {reach:>16s}"
         )
     lines.append(f"validation-selected: {json.dumps(result['chosen'])}")
     return "\n".join(lines)
+
+
+def save(result: dict, path: Path) -> Path:
+    """The run's numbers as JSON (per-seed test metrics, curves and FLOPs, the validation runs,
+    the choices): the table and the picture can be made again from it."""
+    test = {
+        row: {str(seed): run.__dict__ for seed, run in runs.items()}
+        for row, runs in result["test"].items()
+    }
+    path.write_text(json.dumps({**result, "test": test}, indent=1))
+    return path
 
 
 def _steps_to(bench: Bench, curves: list[list[tuple[int, float]]], target: float) -> str:
@@ -562,6 +582,7 @@ def main() -> None:
     root = Path(__file__).parents[1] / "docs" / "results"
     suffix = "-quick" if args.quick else ""
     print(f"curves: {picture(bench, result, root / f'{bench.name}{suffix}.png')}")
+    print(f"numbers: {save(result, root / f'{bench.name}{suffix}.json')}")
     print(f"({result['seconds'] / 60:.0f} min)")
 
 
