@@ -89,9 +89,8 @@ class Bench:
 
 
 def _char_splits(context: int = 64, batch: int = 32) -> dict[str, list]:
-    ids = corpus(
-        4_000_000
-    )  # ~4.7M in the stdlib: a 2x teacher sees it about once (500k: 9 epochs, overfit)
+    # ~4.7M characters in the stdlib: a 2x teacher sees 4M about once (500k: 9 epochs, overfit)
+    ids = corpus(4_000_000)
     n = len(ids)
     parts = {
         "train": ids[: int(0.8 * n)],
@@ -307,9 +306,8 @@ def run_row(
         win.train(student, train, bench.steps, lr=config["lr"], callback=track, **opts)
         flops = bench.steps * student_step
     elif row == "default recipe" or row == "default + imitation":
-        recipe = win.Recipe(steps=bench.steps, callback=track)
-        if row == "default + imitation":
-            recipe = win.Recipe(steps=bench.steps, callback=track, imitation_share=0.1)
+        imitating = {"imitation_share": 0.1} if row == "default + imitation" else {}
+        recipe = win.Recipe(steps=bench.steps, callback=track, **imitating)
         counted = _TeacherCalls(teacher)
         result = win.win(student, teacher, train, x, recipe)
         student = result.thin

@@ -659,11 +659,10 @@ def _finetuned(
     teacher: nn.Module,
     batches: Iterable[Batch],
     recipe: Recipe,
-    stages: list[list[str]],
     log: Log,
 ) -> WinResult:
     """`win` with `imitation_share=0`: the start, then fine-tuning for the whole budget."""
-    steps = budget(recipe, len(stages))[1] - log.spent
+    steps = budget(recipe, 0)[1] - log.spent
     held_out = held_out_batch(batches, recipe.sample_refit if recipe.sampled_start else 0)
     _finetune(student, teacher, batches, recipe, steps, log.spent, held_out, log)
     thin = gathered(student)
@@ -748,9 +747,9 @@ def win(
     if recipe.sampled_start:
         distil = _distiller(teacher, batches, recipe, log)
         recipe_start(student, teacher, batches, inputs, recipe, log, distil, recipe.steps or 0)
+    if recipe.steps is not None and recipe.imitation_share == 0:  # no stages to plan
+        return _finetuned(student, teacher, batches, recipe, log)
     table, t_table, stages = _stage_tables(student, teacher, inputs, recipe.stages, recipe.mapping)
-    if recipe.steps is not None and recipe.imitation_share == 0:
-        return _finetuned(student, teacher, batches, recipe, stages, log)
     sites = [s for chunk in stages for s in chunk]
     widths = {s: t_table.get(teacher_site(s, recipe.mapping)).width for s in sites}
     foldable = [s for s in sites if table.get(s).foldable]
