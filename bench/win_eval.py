@@ -15,7 +15,8 @@ Per benchmark: a thin student and a teacher twice as wide (win.widen), the teach
   uniform + KD       evenly spaced units (weight selection), then KD (rate tuned)
   energy + KD        the loudest units, no refit (Minitron-style), then KD (rate tuned)
   default recipe     win.win(student, teacher, batches, x, win.Recipe(steps=N)): nothing overridden
-                     (the measured start, then KD at a probed rate: imitation is off by default)
+                     (the measured start, then KD at a probed rate, the largest that
+                     lowers the loss in a short run: imitation is off by default)
   default + imitation     the same with imitation_share=0.1 (WIN's stage 2: 10% of the steps
                      imitating the teacher's block outputs through widen/narrow pairs, then fold)
 Tuning: every baseline's grid is run on the validation split with the development seeds; the best

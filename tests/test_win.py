@@ -4,6 +4,7 @@ comes back; the teacher builders, the sampled start, the closed-form start, and 
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -375,13 +376,31 @@ def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge
     each = max(1, round(0.02 * steps))
     assert started == (4 * each if 4 * each * 4 <= steps else 0)
     tuned = steps - imitated - started
-    assert probed == 3 * max(1, round(0.03 * tuned))  # the fine-tuning rate, measured
+    # the fine-tuning rate, measured: the grid from the top, until a probe lowers the loss
+    tried = [k for k in result.log.start if k.startswith("fine-tuning at")]
+    assert 1 <= len(tried) <= 3 and probed == len(tried) * max(1, round(0.03 * tuned))
     assert imitated == round(steps * share)
     assert len(result.log.stages["fine-tune"]) + probed == tuned
     with pytest.raises(surgery.PlanError, match="restarts"):
         win.win(
             DeepThin(), trained_teacher, synthetic_batches(), X, win.Recipe(steps=10, restarts=1)
         )
+
+
+def test_the_fine_tuning_rate_is_the_largest_whose_probe_lowers_the_loss(trained_teacher):
+    """The rate grid is probed from the top: a rate whose short run does not lower the held-out
+    distillation loss (here one that diverges and is rolled back) is passed over, the first that
+    lowers it is kept with its run, and the smaller ones are never tried (their steps not spent)."""
+    torch.manual_seed(0)
+    recipe = win.Recipe(steps=200, finetune_rates=(0.01, 1e4, 0.03))
+    result = win.win(DeepThin(), trained_teacher, synthetic_batches(), X, recipe)
+    tried = {k: v for k, v in result.log.start.items() if k.startswith("fine-tuning at")}
+    before = result.log.start["before fine-tuning"]
+    assert [k.split(",")[0] for k in tried] == ["fine-tuning at 10000", "fine-tuning at 0.03"]
+    assert not list(tried.values())[0] < before < math.inf
+    assert list(tried.values())[1] < before
+    assert any("rate 0.03 chosen" in e for e in result.log.events)
+    assert all(torch.isfinite(p).all() for p in result.thin.parameters())
 
 
 def test_recipe_defaults_are_chosen_from_the_model():

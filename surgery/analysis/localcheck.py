@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.func import functional_call
 
 from surgery.analysis.blocks import BlockTable, Boundary
 from surgery.analysis.unionfind import DisjointSets
+from surgery.runtime.pairs import map_features, random_maps
 
 
 @dataclass
@@ -53,16 +55,22 @@ class LocalCheck:
     groups: list[list[Boundary]] = field(default_factory=list)
     unsupported: list[Boundary] = field(default_factory=list)
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    # per layer path, read once: its parameters and buffers by name, and its modules (itself too)
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    parts: dict[str, list[nn.Module]] = field(default_factory=dict)
+    regions: dict[str, set[str]] = field(default_factory=dict)  # site name -> region(site)
 
     def batches(self) -> list[list[Boundary]]:
         """The groups merged, in order, into batches checked at once: each batch's layers hold at
         most the largest group's elements, a sixteenth of the model's or BATCH_ELEMENTS, whichever
         is most -- one pass per batch instead of one per group, at a bounded working set."""
         sizes = {
-            path: sum(t.numel() for _, t in _tensors(module))
-            for path, module in self.modules.items()
+            path: sum(t.numel() for t in tensors.values()) for path, tensors in self.tensors.items()
         }
-        cost = [sum(sizes[p] for p in set().union(*(region(b) for b in g))) for g in self.groups]
+        cost = [
+            sum(sizes[p] for p in set().union(*(self.regions[b.name] for b in g)))
+            for g in self.groups
+        ]
         model = sum(t.numel() for _, t in _tensors(self.model))
         budget = max([BATCH_ELEMENTS, model // 16, *cost])
         out: list[list[Boundary]] = []
@@ -118,6 +126,8 @@ class Recorder:
 
     def _pre(self, path: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self.usable:
+                return  # a tracer's run: nothing it records can be replayed
             seen = self.calls.get(path)
             if seen is not None:
                 seen.calls += 1
@@ -134,7 +144,7 @@ class Recorder:
 
     def _post(self, path: str):
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and self.calls[path].calls == 1:
+            if self.usable and isinstance(out, torch.Tensor) and self.calls[path].calls == 1:
                 self._outputs[id(out)] = path
                 self._keep.append(out)
 
@@ -143,8 +153,9 @@ class Recorder:
 
     def _held(self, value: Any, held: dict[int, Any]) -> Any:
         if isinstance(value, torch.Tensor):
-            if isinstance(value, FakeTensor) or value.device.type == "meta":
-                self.usable = False
+            if isinstance(value, (FakeTensor, FunctionalTensor)) or value.device.type == "meta":
+                self.usable = False  # traced: detaching it would be traced too, at a cost
+                return value
             if id(value) not in held:
                 kept = value.detach().clone() if self.copy else value.detach()
                 self._versions.append((kept, kept._version))
@@ -190,13 +201,15 @@ def record(
     """The calls of every layer the sites touch, from `recorded` (the capture's forward) when it
     covers them, else from one forward of `model` (eval mode, its own dtype); the sites grouped by
     shared layers."""
-    check = LocalCheck(model, table)
-    wanted = set().union(*(region(b) for b in sites)) if sites else set()
+    check = LocalCheck(model, table, regions={b.name: region(b) for b in sites})
+    wanted = set().union(*check.regions.values()) if sites else set()
     modules = dict(model.named_modules())
     if "" in wanted or any(name not in modules for name in wanted):
         check.unsupported = list(sites)
         return check
     check.modules = {path: modules[path] for path in wanted}
+    check.tensors = {path: dict(_tensors(m)) for path, m in check.modules.items()}
+    check.parts = {path: list(m.modules()) for path, m in check.modules.items()}
     if recorded is not None and recorded.covers(wanted):
         check.calls = recorded.calls
     else:
@@ -210,7 +223,9 @@ def record(
                 m.training = training
         check.calls = fresh.calls
     fine = [
-        b for b in sites if all(p in check.calls and check.calls[p].calls == 1 for p in region(b))
+        b
+        for b in sites
+        if all(p in check.calls and check.calls[p].calls == 1 for p in check.regions[b.name])
     ]
     replayed = {b.name for b in fine}
     check.unsupported = [b for b in sites if b.name not in replayed]
@@ -218,7 +233,7 @@ def record(
     index = {b.name: sets.add() for b in fine}
     owner: dict[str, str] = {}
     for b in fine:
-        for path in region(b):
+        for path in check.regions[b.name]:
             if path in owner:
                 sets.join(index[owner[path]], index[b.name])
             owner.setdefault(path, b.name)
@@ -259,7 +274,7 @@ class LocalProbe:
 
     def error(self, sites: Sequence[Boundary]) -> tuple[float, str]:
         from surgery.analysis.selfcheck import _leaves, _relative, check_width
-        from surgery.runtime.attach import build_plan, make_pairs
+        from surgery.runtime.attach import build_plan
         from surgery.runtime.fold import fold_state_dict
 
         check = self.check
@@ -267,9 +282,15 @@ class LocalProbe:
             plan = build_plan(
                 check.table, [(b, check_width(b.width), False) for b in sites], check.table.bias
             )
-            pairs = make_pairs(check.model, plan, "random", torch.float64)
+            pairs = {
+                site.name: {
+                    r: t.double() for r, t in random_maps(site.d, site.D, site.bias).items()
+                }
+                for site in plan.sites
+            }
             paths = sorted(
-                set().union(*(region(b) for b in sites)), key=lambda p: check.calls[p].order
+                set().union(*(check.regions[b.name] for b in sites)),
+                key=lambda p: check.calls[p].order,
             )
             modules = check.modules
             copies: dict[int, Any] = {}
@@ -283,8 +304,8 @@ class LocalProbe:
             }
             own = {}
             for path in paths:  # a vocabulary-sized sink layer: the rows the check needs, sliced
-                rows = _rows(modules[path], path, calls, plan, paths)  # before the float64 copy
-                tensors = dict(_tensors(modules[path]))
+                tensors = check.tensors[path]
+                rows = _rows(modules[path], path, tensors, calls, plan, paths)  # before float64
                 if rows is not None:
                     tensors, calls[path] = _sliced(modules[path], tensors, calls[path], rows)
                 own[path] = {
@@ -295,7 +316,7 @@ class LocalProbe:
                 f"{path}.{n}" if path else n: t for path in paths for n, t in own[path].items()
             }
             for site in plan.sites:
-                for role, tensor in pairs[site.name].state_dict().items():
+                for role, tensor in pairs[site.name].items():
                     state[f"pairs.{site.key}.{role}"] = tensor
             folded_state = fold_state_dict(state, plan, factored=True)
             folded = {
@@ -308,7 +329,7 @@ class LocalProbe:
             for site in plan.sites:
                 for p in site.route.placements:
                     actions[(p.module, p.where)].append((pairs[site.name], p))
-            modes = [(m, m.training) for path in paths for m in modules[path].modules()]
+            modes = [(m, m.training) for path in paths for m in check.parts[path]]
             for m, _ in modes:
                 m.training = False  # as the model runs after training (BatchNorm's statistics)
             try:
@@ -349,16 +370,26 @@ class LocalProbe:
                 for pair, p in actions.get((path, "input"), []):
                     if args:
                         h = args[0]
-                        x = pair(h, p.axis, p.inner, add_bias=p.bias)
+                        x = _paired(pair, h, p)
                         args = tuple(x if a is h else a for a in args)
                     else:
                         key = next(iter(kwargs))
-                        kwargs[key] = pair(kwargs[key], p.axis, p.inner, add_bias=p.bias)
+                        kwargs[key] = _paired(pair, kwargs[key], p)
                 out = _run(modules[path], tensors[path], args, kwargs)
                 for pair, p in actions.get((path, "output"), []):
-                    out = pair(out, p.axis, p.inner, add_bias=p.bias)
+                    out = _paired(pair, out, p)
                 outs[path] = out
         return outs
+
+
+def _paired(pair: dict[str, torch.Tensor], h: torch.Tensor, placement: Any) -> torch.Tensor:
+    """A checking pair (its tensors by role, `random_maps`) applied to `h` at `placement`, as the
+    Pair module runs there."""
+    maps = [
+        (pair[f"{m}.weight"], pair.get(f"{m}.bias") if placement.bias else None)
+        for m in ("widen", "narrow")
+    ]
+    return map_features(h, maps, pair["widen.weight"].shape[1], placement.axis, placement.inner)
 
 
 def _run(
@@ -381,7 +412,12 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _rows(
-    module: nn.Module, path: str, calls: dict[str, _Call], plan: Any, paths: list[str]
+    module: nn.Module,
+    path: str,
+    tensors: dict[str, torch.Tensor],
+    calls: dict[str, _Call],
+    plan: Any,
+    paths: list[str],
 ) -> torch.Tensor | None:
     """The rows of a sink layer's weight the check needs, when no pair of the group acts on its
     rows (so each row folds on its own): an Embedding's rows its recorded ids look up, a Linear's
@@ -389,7 +425,7 @@ def _rows(
     (anything else, or small enough)."""
     if any(calls[q].wired_from == path for q in paths):
         return None  # another layer of the group reads its whole output
-    names = {f"{path}.{n}" for n, _ in _tensors(module)}
+    names = {f"{path}.{n}" for n in tensors}
     touched = [
         t for site in plan.sites for t in site.route.targets if set(t.params.values()) & names
     ]

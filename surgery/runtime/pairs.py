@@ -45,6 +45,40 @@ def same_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like, dtype=x.dtype, device=x.device).copy_(x)  # differentiable
 
 
+def map_features(
+    h: torch.Tensor,
+    maps: list[tuple[torch.Tensor, torch.Tensor | None]],
+    d: int,
+    axis: int = -1,
+    inner: int = 1,
+    first: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The linear `maps` (weight, bias) applied in turn to the d features of `h` on `axis`
+    (features possibly interleaved: index = (o*d + c)*inner + j), in `h`'s layout; `first` is
+    given the output of the first map (the probe M1(h)), laid out like `h`."""
+    axis = axis % h.dim()
+    channels_first = axis == 1 and inner == 1 and 3 <= h.dim() <= 5 and h.shape[1] == d
+    x = h if channels_first else _to_last(h, axis, d, inner)
+    for i, (weight, bias) in enumerate(maps):
+        x = _pointwise(x, weight, bias) if channels_first else F.linear(x, weight, bias)
+        if i == 0 and first is not None:
+            first(x if channels_first else _from_last(x, axis, inner, h.shape))
+    return same_layout(x if channels_first else _from_last(x, axis, inner, h.shape), h)
+
+
+def random_maps(d: int, D: int, bias: bool, narrow: bool = True) -> dict[str, torch.Tensor]:
+    """A generic non-identity pair's tensors by role, unit gain on average (drawn in float32, five
+    times faster than float64 normals, which the self-check's many pairs feel)."""
+    maps = {"widen.weight": torch.randn(D, d) / d**0.5}
+    if bias:
+        maps["widen.bias"] = 0.1 * torch.randn(D)
+    if narrow:
+        maps["narrow.weight"] = torch.randn(d, D) / D**0.5
+        if bias:
+            maps["narrow.bias"] = 0.1 * torch.randn(d)
+    return maps
+
+
 # surgery.set_premerged policies (see there); a Pair's `premerged` is False or one of these
 PREMERGE_POLICIES = ("auto", "always")
 
@@ -85,19 +119,15 @@ class Pair(nn.Module):
     ) -> torch.Tensor:
         """M2(M1(h)) on `axis` (features possibly interleaved: index = (o*d + c)*inner + j); given
         `mixing` (W = M2 M1, formed once for the whole batch), W h + c in one map and no probe."""
-        axis = axis % h.dim()
         if mixing is not None:
             maps = [(mixing, self.shift() if add_bias else None)]
         else:
             maps = [(m.weight, m.bias if add_bias else None) for m in (self.widen, self.narrow)]
         record = record and self.recording and mixing is None
-        channels_first = axis == 1 and inner == 1 and 3 <= h.dim() <= 5 and h.shape[1] == self.d
-        x = h if channels_first else _to_last(h, axis, self.d, inner)
-        for i, (weight, bias) in enumerate(maps):
-            x = _pointwise(x, weight, bias) if channels_first else F.linear(x, weight, bias)
-            if i == 0 and record:
-                self.probe = x if channels_first else _from_last(x, axis, inner, h.shape)
-        return same_layout(x if channels_first else _from_last(x, axis, inner, h.shape), h)
+        return map_features(h, maps, self.d, axis, inner, self._keep_probe if record else None)
+
+    def _keep_probe(self, wide: torch.Tensor) -> None:
+        self.probe = wide
 
     def record(self, h: torch.Tensor, axis: int) -> None:
         """Store the probe M1(h) without running the narrow map (a probe-only read)."""
@@ -190,15 +220,10 @@ def init_identity(pair: Pair, site: Site | None = None) -> None:
 
 @torch.no_grad()
 def init_random(pair: Pair, site: Site | None = None) -> None:
-    """A generic non-identity pair with unit gain on average (for tests and experiments; drawn in
-    float32, five times faster than float64 normals, which the self-check's many pairs feel)."""
-    pair.widen.weight.copy_(torch.randn(pair.D, pair.d) / pair.d**0.5)
-    if pair.widen.bias is not None:
-        pair.widen.bias.copy_(0.1 * torch.randn(pair.D))
-    if pair.narrow is not None:
-        pair.narrow.weight.copy_(torch.randn(pair.d, pair.D) / pair.D**0.5)
-        if pair.narrow.bias is not None:
-            pair.narrow.bias.copy_(0.1 * torch.randn(pair.d))
+    """A generic non-identity pair (`random_maps`), for tests and experiments."""
+    maps = random_maps(pair.d, pair.D, pair.widen.bias is not None, pair.narrow is not None)
+    for role, tensor in pair.state_dict().items():
+        tensor.copy_(maps[role])
 
 
 INITS: dict[str, InitFn] = {"identity": init_identity, "random": init_random}
