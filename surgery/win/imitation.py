@@ -185,14 +185,20 @@ class Imitation:
             self.paired
         )
         with probe(unwrap(self.paired), self.sites) as probes:
-            stop = None if distributed else self._stop_after(self.sites[-1])
+            hook = None if distributed else self._stop_after(self.sites[-1])
+            if isinstance(self.paired, nn.parallel.DistributedDataParallel):
+                # the probes as outputs too: DDP looks for the parameters a step uses from the
+                # forward's outputs, and a probe-only site's M1 reaches the loss only via its probe
+                hook = unwrap(self.paired).register_forward_hook(
+                    lambda module, args, out: (out, [probes[s] for s in self.sites])
+                )
             try:
                 out = self.paired(*inputs)
             except _Stop:
                 out = None
             finally:
-                if stop is not None:
-                    stop.remove()
+                if hook is not None:
+                    hook.remove()
             losses = {s: self._loss(probes[s], targets[s], s) for s in self.sites}
         self.last = {s: float(v.detach()) for s, v in losses.items()}
         total = sum(losses.values())

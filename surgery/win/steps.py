@@ -9,6 +9,7 @@ rank takes the same decision.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ from torch import nn
 from surgery.report import progress_bar
 from surgery.runtime.models import unwrap
 from surgery.runtime.sharded import full_state_dict, is_sharded, write_back
+
+from . import session
 
 logger = logging.getLogger("surgery.win")
 
@@ -95,18 +98,66 @@ def run_steps(
 ) -> list[float]:
     """`steps` optimiser steps of `loss_of(next(data))`, guarded (see the module docstring).
     optimizer_for(rate scale, steps) -> (optimiser, scheduler) for the steps left at that scale.
-    after_step(step) runs after each step (counted from 1). Returns the loss of every step."""
+    after_step(step) runs after each step (counted from 1). Returns the loss of every step.
+    Inside a `surgery.win.session` (a Trainer's run): its gradient accumulation, autocast and
+    per-step hook, and a finished or interrupted stage run put back from its checkpoint."""
     model = unwrap(net)
+    run = session.current()
+    index = run.calls if run is not None else 0
+    if run is not None:
+        run.calls += 1
+        if index < len(run.journal):
+            return _replayed(model, run, run.journal[index], stage, index, log)
+    micro = run.accumulate if run is not None else 1
+    autocast = run.autocast if run is not None else contextlib.nullcontext
     saved = snapshot(model)
-    scale, tries, done = 1.0, 0, 0
+    scale, tries, done, begun, consumed = 1.0, 0, 0, 0, 0
     losses: list[float] = []
     since: list[float] = []  # the losses since the last (re)start
+    events = len(log.events) if log is not None else 0
     opt, sched = optimizer_for(scale, steps)
+    if run is not None and run.resume is not None and run.resume["call"] == index:
+        state, run.resume = run.resume, None
+        session.check_entry(state, stage, index)
+        restore(model, state["model"])
+        saved = state["saved"]
+        scale, tries, done, begun = state["scale"], state["tries"], state["done"], state["begun"]
+        losses, since = list(state["losses"]), list(state["since"])
+        opt, sched = optimizer_for(scale, steps - begun)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        for _ in range(state["consumed"]):
+            next(data)  # the batches it had used: the same order every iteration
+        consumed = state["consumed"]
+        if log is not None:
+            log.stages.setdefault(stage, []).extend(losses)
+            log.events.extend(state["events"])
+        session.set_rng_state(state["rng"])
+    if run is not None:
+
+        def in_progress() -> dict[str, Any]:
+            return {
+                "call": index, "stage": stage, "model": snapshot(model), "saved": saved,
+                "scale": scale, "tries": tries, "done": done, "begun": begun,
+                "consumed": consumed, "losses": list(losses), "since": list(since),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "events": log.events[events:] if log is not None else [],
+                "rng": session.rng_state(),
+            }  # fmt: skip
+
+        run.in_progress = in_progress
     with progress_bar(enabled=main_process()) as progress:
-        task = progress.add_task(stage, total=steps)
+        task = progress.add_task(stage, total=steps, completed=done)
         while done < steps:
-            loss = loss_of(next(data))
-            value = float(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            value = 0.0
+            for _ in range(micro):  # gradient accumulation: the mean loss of `micro` batches
+                with autocast():
+                    loss = loss_of(next(data)) / micro
+                consumed += 1
+                value += float(loss.detach())
+                if math.isfinite(value):
+                    loss.backward()
             done += 1
             losses.append(value)
             if log is not None:
@@ -126,10 +177,9 @@ def run_steps(
                 scale /= 10
                 since = []
                 opt, sched = optimizer_for(scale, steps - done)
+                begun = done
                 continue
             since.append(value)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
@@ -137,11 +187,42 @@ def run_steps(
             progress.update(task, advance=1, description=f"{stage} (loss {value:.4f})")
             if after_step is not None:
                 after_step(done)
+            if run is not None:
+                run.step += 1
+                if run.on_step is not None:
+                    run.on_step(run, stage, value)
     if not _finite(model):
         restore(model, saved)
         if log is not None:
             log.event(f"{stage}: ended with non-finite weights; rolled back to the stage's start")
+    if run is not None:
+        run.in_progress = None
+        if run.keep_journal:
+            run.journal.append(
+                {
+                    "stage": stage,
+                    "losses": losses,
+                    "model": snapshot(model),
+                    "events": log.events[events:] if log is not None else [],
+                    "steps": done - tries,
+                    "rng": session.rng_state(),
+                }  # fmt: skip
+            )
     return losses
+
+
+def _replayed(
+    model: nn.Module, run: Any, entry: dict[str, Any], stage: str, index: int, log: Log | None
+) -> list[float]:
+    """A stage run a checkpoint recorded as finished, put back instead of trained again."""
+    session.check_entry(entry, stage, index)
+    restore(model, entry["model"])
+    session.set_rng_state(entry["rng"])
+    run.step += entry["steps"]
+    if log is not None:
+        log.stages.setdefault(stage, []).extend(entry["losses"])
+        log.events.extend(entry["events"])
+    return list(entry["losses"])
 
 
 def _diverged(since: list[float], value: float) -> bool:
