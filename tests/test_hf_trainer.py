@@ -15,7 +15,7 @@ from hf_trainer_run import RECIPE, setup, trainer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from surgery import PlanError, win
-from surgery.win.hf import STATE_FILE
+from surgery.win.hf import STATE_FILE, WinBatches, WinTrainer
 
 HERE = Path(__file__).parent
 
@@ -121,3 +121,32 @@ def test_under_torchrun_both_ranks_end_with_identical_thin_weights(tmp_path):
     assert ranks[0].keys() == ranks[1].keys()
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     assert (tmp_path / "thin" / "config.json").is_file()
+
+
+def test_gradient_accumulation_and_bf16_keep_the_budget_in_optimizer_steps(tmp_path):
+    """gradient_accumulation_steps=2: each of the 40 optimizer steps reads two batches, so the run
+    reads exactly 40 batches more than with one (the start's calibration reads are the same);
+    bf16: the losses under autocast, the thin model finite and in the student's dtype."""
+    student, teacher, data = setup()
+
+    def batches_read(accumulate: int) -> tuple[int, int, WinTrainer]:
+        steps: list[int] = []
+        read: list[int] = []
+        hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+        original = WinBatches._pair
+        WinBatches._pair = lambda self, batch: (read.append(1), original(self, batch))[1]
+        try:
+            run = trainer(
+                student, teacher, data, tmp_path, gradient_accumulation_steps=accumulate, bf16=True
+            )
+            run.train()
+        finally:
+            WinBatches._pair = original
+            hook.remove()
+        return len(steps), len(read), run
+
+    steps_1, read_1, _ = batches_read(1)
+    steps_2, read_2, run = batches_read(2)
+    assert steps_1 == steps_2 == RECIPE.steps == len(logged_losses(run))
+    assert read_2 - read_1 == RECIPE.steps
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in run.model.parameters())
