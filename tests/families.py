@@ -126,6 +126,28 @@ class NanoAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ComputedSplitAttention(NanoAttention):
+    """nanoGPT's attention with the split sizes computed from the activation's shape, as users
+    write it: x.split(C, 2), x.split([C, C, C], 2) or x.tensor_split(3, 2) (C from x.shape)."""
+
+    def __init__(self, width: int, heads: int, how: str = "split"):
+        super().__init__(width, heads)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.c_attn(x)
+        if self.how == "split":
+            q, k, v = qkv.split(qkv.shape[-1] // 3, dim=2)
+        elif self.how == "list":
+            q, k, v = qkv.split([C, C, C], dim=2)
+        else:
+            q, k, v = qkv.tensor_split(3, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
 class PackedViewAttention(nn.Module):
     """timm's / minGPT's attention: qkv(x).view(B, T, 3, h, hd).permute(2, 0, 3, 1, 4), unbound."""
 

@@ -8,9 +8,19 @@ win.narrow undoes win.widen."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from families import FAMILIES, MORE_FAMILIES, nano_gpt, tokens
+from families import (
+    FAMILIES,
+    MORE_FAMILIES,
+    ComputedSplitAttention,
+    NanoAttention,
+    OwnGPT,
+    nano_gpt,
+    tokens,
+)
 from torch import nn
 
 import surgery
@@ -183,11 +193,14 @@ def test_probes_read_tensors_not_model_outputs(one_thread):
     assert torch.isfinite(objective(*x))
 
 
-def test_teacher_with_wider_heads_starts_a_student_of_the_same_head_count(one_thread):
+@pytest.mark.parametrize("split", [None, "split", "list", "tensor_split"])
+def test_teacher_with_wider_heads_starts_a_student_of_the_same_head_count(split, one_thread):
     """nanoGPT-style: a 2x teacher that keeps the head count (heads twice as wide). The student
-    takes every head and the same dims within each; q and k the same dims (they are dotted)."""
+    takes every head and the same dims within each; q and k the same dims (they are dotted).
+    The packed projection split by a literal width, or by sizes computed from the shape."""
     torch.manual_seed(0)
-    student, teacher = nano_gpt(32, 4).double(), nano_gpt(64, 4).double()
+    attention = NanoAttention if split is None else partial(ComputedSplitAttention, how=split)
+    student, teacher = (OwnGPT(w, 4, attention).double() for w in (32, 64))
     with torch.no_grad():  # every weight entry names its own (row, column): 1000 * row + column
         for p in teacher.parameters():
             if p.dim() == 2:

@@ -84,6 +84,13 @@ def _aten_pointwise(fn: str) -> bool:
     return any(torch.Tag.pointwise in o.tags for o in overloads)
 
 
+def _ints(value: Any) -> bool:
+    """Whether `value` is a list or tuple of plain ints (sizes written in the call)."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
+
+
 def _dim(value: Any, rank: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not -rank <= value < max(rank, 1):
         return None
@@ -696,14 +703,14 @@ class Walk:
                 raise _NotFollowed("its chunk count could not be read")
             step = -(-n // size_arg)
             sizes = [min(step, n - k) for k in range(0, n, step)]
-        elif fn == "tensor_split" or isinstance(size_arg, (list, tuple)):
-            if fn == "tensor_split" or not all(isinstance(v, int) for v in size_arg):
-                raise _NotFollowed("its split sizes could not be read")
+        elif fn != "tensor_split" and _ints(size_arg):
             sizes = list(size_arg)
-        elif isinstance(size_arg, int) and size_arg > 0:
+        elif fn != "tensor_split" and isinstance(size_arg, int) and size_arg > 0:
             sizes = [min(size_arg, n - k) for k in range(0, n, size_arg)]
-        else:
-            raise _NotFollowed("its split sizes could not be read")
+        else:  # sizes computed in the graph (x.split(x.shape[-1] // 3, -1)): the traced outputs'
+            sizes = [s[d] for s in op.attrs.get("shapes", ()) if len(s) == rank]
+            if len(sizes) != len(op.attrs.get("shapes", ())) or not sizes:
+                raise _NotFollowed("its split sizes could not be read")
         if sum(sizes) != n:
             raise _NotFollowed(f"split sizes {sizes} do not add up to {n}")
         nonzero = [w for w in sizes if w]
@@ -714,7 +721,7 @@ class Walk:
             members = pieces
         if isinstance(size_arg, int) and fn in ("split", "unsafe_split"):
             self.s.literals.extend((op.name, size_arg, m) for m in members)
-        elif isinstance(size_arg, (list, tuple)):
+        elif fn != "tensor_split" and _ints(size_arg):
             self.s.literals.extend(
                 (op.name, w, m) for w, m in zip([w for w in size_arg if w], members, strict=False)
             )
