@@ -128,7 +128,8 @@ class NanoAttention(nn.Module):
 
 class ComputedSplitAttention(NanoAttention):
     """nanoGPT's attention with the split sizes computed from the activation's shape, as users
-    write it: x.split(C, 2), x.split([C, C, C], 2) or x.tensor_split(3, 2) (C from x.shape)."""
+    write it: x.split(C, 2), x.split([C, C, C], 2), x.tensor_split(3, 2), slices x[..., C:2 * C]
+    or x.narrow(2, C, C) (C from x.shape)."""
 
     def __init__(self, width: int, heads: int, how: str = "split"):
         super().__init__(width, heads)
@@ -141,8 +142,12 @@ class ComputedSplitAttention(NanoAttention):
             q, k, v = qkv.split(qkv.shape[-1] // 3, dim=2)
         elif self.how == "list":
             q, k, v = qkv.split([C, C, C], dim=2)
-        else:
+        elif self.how == "tensor_split":
             q, k, v = qkv.tensor_split(3, dim=2)
+        elif self.how == "slice":
+            q, k, v = qkv[..., :C], qkv[:, :, C : 2 * C], qkv[..., 2 * C :]
+        else:
+            q, k, v = (qkv.narrow(2, i * C, C) for i in range(3))
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))

@@ -193,7 +193,7 @@ def test_probes_read_tensors_not_model_outputs(one_thread):
     assert torch.isfinite(objective(*x))
 
 
-@pytest.mark.parametrize("split", [None, "split", "list", "tensor_split"])
+@pytest.mark.parametrize("split", [None, "split", "list", "tensor_split", "slice", "narrow"])
 def test_teacher_with_wider_heads_starts_a_student_of_the_same_head_count(split, one_thread):
     """nanoGPT-style: a 2x teacher that keeps the head count (heads twice as wide). The student
     takes every head and the same dims within each; q and k the same dims (they are dotted).
@@ -216,3 +216,21 @@ def test_teacher_with_wider_heads_starts_a_student_of_the_same_head_count(split,
         assert torch.equal(q % 16, k % 16)  # q and k share their dims within heads
         columns = (block.attn.c_proj.weight[0] % 1000).round().long()
         assert torch.equal(columns, v)  # the output projection reads the value dims taken
+
+
+@pytest.mark.parametrize("split", ["split", "list", "tensor_split", "slice", "narrow"])
+def test_sizes_computed_from_shapes_fold_exactly_and_widen(split, one_thread):
+    """The same analysis serves the fold and the resize: random pairs fold exactly into a packed
+    projection split by computed sizes, and widen doubles it into a model that runs."""
+    torch.manual_seed(0)
+    model = OwnGPT(32, 4, partial(ComputedSplitAttention, how=split)).eval()
+    x = (tokens(),)
+    paired = surgery.insert_pairs(model, x, init="random").eval()
+    thin = surgery.fold(paired)
+    with torch.no_grad():
+        before, after, original = paired(*x), thin(*x), model(*x)
+    assert (before - after).abs().max() <= 1e-5 * before.abs().max()
+    assert (before - original).abs().max() > 1e-3 * original.abs().max()  # the pairs did change it
+    wide = win.widen(model, 2.0, x)
+    assert wide.h[0].attn.c_attn.weight.shape == (192, 64)
+    assert torch.isfinite(_out(wide, x)).all()

@@ -85,10 +85,16 @@ def _aten_pointwise(fn: str) -> bool:
 
 
 def _ints(value: Any) -> bool:
-    """Whether `value` is a list or tuple of plain ints (sizes written in the call)."""
+    """Whether `value` is a list or tuple of ints (sizes known at capture)."""
     return isinstance(value, (list, tuple)) and all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     )
+
+
+def _written(value: Any) -> bool:
+    """Whether `value` is a number written in the source (view(B, T, 4, 8)'s 4 and 8), which a
+    resize must change by hand, not one the graph computed from a shape (`Traced`)."""
+    return type(value) is int
 
 
 def _dim(value: Any, rank: int) -> int | None:
@@ -121,8 +127,14 @@ class Walk:
                 if not self.s.residual(a):
                     self.s.freeze(a, OUTPUT)
         taken = {self.s.find(t) for t in self.taken}
-        for part, why in self.sliced:  # a part no slice takes is not read: its width stays
-            if self.s.find(part) not in taken:
+
+        def read(part: int) -> bool:  # taken by a slice, or every piece of it is
+            found = self.s.structure(part)
+            pieces = self.s._flat(CAT, found[1]) if found and found[0] == CAT else []
+            return self.s.find(part) in taken or bool(pieces) and all(map(read, pieces))
+
+        for part, why in self.sliced:  # a part no slice reads is not read: its width stays
+            if not read(part):
                 self.s.freeze(part, why)
 
     # ---- helpers ----
@@ -558,7 +570,7 @@ class Walk:
         if len(sizes) != len(axes):
             return
         for value, axis in zip(sizes, axes, strict=True):
-            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            if _written(value) and value > 1:
                 self.s.literals.append((self.op.name, value, axis))
 
     def _permute(self, op: Op, fn: str, args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -719,11 +731,13 @@ class Walk:
             pieces = [self.s.new(w) for w in nonzero]
             self._same(src[d], self.s.make(CAT, pieces))
             members = pieces
-        if isinstance(size_arg, int) and fn in ("split", "unsafe_split"):
+        if _written(size_arg) and fn in ("split", "unsafe_split"):
             self.s.literals.extend((op.name, size_arg, m) for m in members)
         elif fn != "tensor_split" and _ints(size_arg):
             self.s.literals.extend(
-                (op.name, w, m) for w, m in zip([w for w in size_arg if w], members, strict=False)
+                (op.name, w, m)
+                for w, m in zip([w for w in size_arg if w], members, strict=False)
+                if _written(w)
             )
         it = iter(members)
         self.s.tuples[op.name] = [
@@ -882,7 +896,8 @@ class Walk:
             return
         if fn == "narrow":
             start, length = (args + [None, None, None, None])[2:4]
-            item = slice(start, None if start is None or length is None else start + length)
+            known = isinstance(start, int) and isinstance(length, int)
+            item = slice(start, start + length if known else None)  # a Ref start: not followed
         else:
             start, end, step = (list(args[2:5]) + [None, None, None])[:3]
             item = slice(start, end, step)

@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from surgery.errors import CaptureError, PlanError
 from surgery.ir import normalize
-from surgery.ir.graph import Dataflow, Op, Ref
+from surgery.ir.graph import Dataflow, Op, Ref, Traced
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,12 +159,26 @@ def capture(model: nn.Module, example_inputs: Any = None) -> Dataflow:
         return _capture_export(model, inputs, fx_msg, keywords)
     with torch.no_grad(), _eval_mode(model), contextlib.redirect_stderr(io.StringIO()):
         try:
-            ShapeProp(gm).propagate(
+            _ShapeAndSizeProp(gm).propagate(
                 *inputs
             )  # it prints a traceback before re-raising: keep it quiet
         except Exception as error:  # noqa: BLE001
             raise _input_mismatch(model, inputs, error.__cause__ or error) from error
     return _fx_dataflow(model, gm, inputs, tracer.returns)
+
+
+_TRACED = "surgery_traced_int"
+
+
+class _ShapeAndSizeProp(ShapeProp):
+    """ShapeProp that also keeps the ints the graph computes (sizes read from tensors' shapes and
+    arithmetic on them), so that calls sized by them can be read (see `Traced`)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, int) and not isinstance(result, bool):
+            n.meta[_TRACED] = int(result)
+        return result
 
 
 def _input_mismatch(model: nn.Module, inputs: Sequence[Any], error: BaseException) -> PlanError:
@@ -401,10 +415,13 @@ def _nodes_in(value: Any) -> list[fx.Node]:
 def _fx_call(node: fx.Node, ops: dict[str, Op]) -> dict[str, Any]:
     """The call record of an fx call_function / call_method node (see `Op.attrs`)."""
 
-    def ref(n: fx.Node) -> Ref:
+    def ref(n: fx.Node) -> Ref | Traced:
         if n.name in ops:
             return Ref(op=n.name)
-        return Ref(param=n.target) if n.op == "get_attr" else Ref()
+        if n.op == "get_attr":
+            return Ref(param=n.target)
+        value = n.meta.get(_TRACED)
+        return Traced(value) if value is not None else Ref()
 
     fn = node.target if node.op == "call_method" else _short(node.target)
     return {

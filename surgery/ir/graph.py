@@ -56,6 +56,11 @@ class Ref:
     param: str | None = None
 
 
+class Traced(int):
+    """A number the captured graph computed from a tensor's shape (C in x.split(C, 2) after
+    B, T, C = x.shape): it follows the model's widths, unlike a number written in the source."""
+
+
 @dataclass
 class Op:
     """One tensor-producing node of the captured graph, in the canonical vocabulary."""
