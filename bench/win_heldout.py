@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from win_charlm import VOCAB, corpus  # noqa: E402
+from win_charlm import VOCAB  # noqa: E402
+from win_eval import _char_splits  # noqa: E402
 
 from surgery import win  # noqa: E402
 
@@ -93,24 +94,6 @@ def model(layout: str, wide: bool) -> GPT:
     return GPT(width, heads, packed)
 
 
-def splits() -> dict[str, list]:
-    ids = corpus(4_000_000)
-    n = len(ids)
-    parts = {"train": ids[: int(0.8 * n)], "val": ids[int(0.8 * n) : int(0.9 * n)]}
-    parts["test"] = ids[int(0.9 * n) :]
-    out = {}
-    for name, part in parts.items():
-        g = torch.Generator().manual_seed(7 if name == "train" else 8)
-        starts = torch.randperm(len(part) - CONTEXT - 1, generator=g)
-        size, count = (BATCH, len(starts) // BATCH) if name == "train" else (128, 4)
-        windows = (
-            part[starts[i * size : (i + 1) * size].unsqueeze(1) + torch.arange(CONTEXT + 1)]
-            for i in range(count)
-        )
-        out[name] = [(w[:, :-1], w[:, 1:]) for w in windows]
-    return out
-
-
 def bits(net: nn.Module, data: list) -> float:
     net.eval()
     with torch.no_grad():
@@ -150,7 +133,7 @@ def one(args: tuple[str, int, int]) -> dict:
     """One layout at one seed: the teacher, vanilla and KD at each rate, the default recipe."""
     layout, seed, steps = args
     torch.set_num_threads(1)
-    data = splits()
+    data = _char_splits(CONTEXT, BATCH, seed=7)  # its own window order
     g = torch.Generator().manual_seed(seed)
     train = [data["train"][i] for i in torch.randperm(len(data["train"]), generator=g).tolist()]
     t0 = time.time()

@@ -128,7 +128,7 @@ class NanoAttention(nn.Module):
 
 class ComputedSplitAttention(NanoAttention):
     """nanoGPT's attention with the split sizes computed from the activation's shape, as users
-    write it: x.split(C, 2), x.split([C, C, C], 2), x.tensor_split(3, 2), slices x[..., C:2 * C]
+    write it: x.split(C, 2), x.split([C, C, C], 2), x.tensor_split(3, 2) or at [C, 2 * C], slices x[..., C:2 * C]
     or x.narrow(2, C, C) (C from x.shape)."""
 
     def __init__(self, width: int, heads: int, how: str = "split"):
@@ -144,6 +144,8 @@ class ComputedSplitAttention(NanoAttention):
             q, k, v = qkv.split([C, C, C], dim=2)
         elif self.how == "tensor_split":
             q, k, v = qkv.tensor_split(3, dim=2)
+        elif self.how == "tensor_split_at":
+            q, k, v = qkv.tensor_split([C, 2 * C], dim=2)
         elif self.how == "slice":
             q, k, v = qkv[..., :C], qkv[:, :, C : 2 * C], qkv[..., 2 * C :]
         else:

@@ -193,7 +193,9 @@ def test_probes_read_tensors_not_model_outputs(one_thread):
     assert torch.isfinite(objective(*x))
 
 
-@pytest.mark.parametrize("split", [None, "split", "list", "tensor_split", "slice", "narrow"])
+@pytest.mark.parametrize(
+    "split", [None, "split", "list", "tensor_split", "tensor_split_at", "slice", "narrow"]
+)
 def test_teacher_with_wider_heads_starts_a_student_of_the_same_head_count(split, one_thread):
     """nanoGPT-style: a 2x teacher that keeps the head count (heads twice as wide). The student
     takes every head and the same dims within each; q and k the same dims (they are dotted).
@@ -218,7 +220,9 @@ def test_teacher_with_wider_heads_starts_a_student_of_the_same_head_count(split,
         assert torch.equal(columns, v)  # the output projection reads the value dims taken
 
 
-@pytest.mark.parametrize("split", ["split", "list", "tensor_split", "slice", "narrow"])
+@pytest.mark.parametrize(
+    "split", ["split", "list", "tensor_split", "tensor_split_at", "slice", "narrow"]
+)
 def test_sizes_computed_from_shapes_fold_exactly_and_widen(split, one_thread):
     """The same analysis serves the fold and the resize: random pairs fold exactly into a packed
     projection split by computed sizes, and widen doubles it into a model that runs."""

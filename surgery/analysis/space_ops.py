@@ -97,6 +97,18 @@ def _written(value: Any) -> bool:
     return type(value) is int
 
 
+def _tensor_split_sizes(sections: Any, n: int) -> list[int]:
+    """The part sizes of tensor_split over `n`: a count of near-equal sections (the first n % k
+    one larger) or the indices to cut at."""
+    if isinstance(sections, int) and sections > 0:
+        size, extra = divmod(n, sections)
+        return [size + 1] * extra + [size] * (sections - extra)
+    if _ints(sections):
+        cuts = [min(max(c if c >= 0 else c + n, 0), n) for c in sections]
+        return [max(b - a, 0) for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+    raise _NotFollowed("its split sizes could not be read")
+
+
 def _dim(value: Any, rank: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not -rank <= value < max(rank, 1):
         return None
@@ -715,14 +727,14 @@ class Walk:
                 raise _NotFollowed("its chunk count could not be read")
             step = -(-n // size_arg)
             sizes = [min(step, n - k) for k in range(0, n, step)]
-        elif fn != "tensor_split" and _ints(size_arg):
+        elif fn == "tensor_split":
+            sizes = _tensor_split_sizes(size_arg, n)
+        elif _ints(size_arg):
             sizes = list(size_arg)
-        elif fn != "tensor_split" and isinstance(size_arg, int) and size_arg > 0:
+        elif isinstance(size_arg, int) and size_arg > 0:
             sizes = [min(size_arg, n - k) for k in range(0, n, size_arg)]
-        else:  # sizes computed in the graph (x.split(x.shape[-1] // 3, -1)): the traced outputs'
-            sizes = [s[d] for s in op.attrs.get("shapes", ()) if len(s) == rank]
-            if len(sizes) != len(op.attrs.get("shapes", ())) or not sizes:
-                raise _NotFollowed("its split sizes could not be read")
+        else:
+            raise _NotFollowed("its split sizes could not be read")
         if sum(sizes) != n:
             raise _NotFollowed(f"split sizes {sizes} do not add up to {n}")
         nonzero = [w for w in sizes if w]

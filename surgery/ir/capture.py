@@ -356,8 +356,6 @@ def _fx_dataflow(
         kind, attrs = normalize.in_context(kind, attrs, label, len(tensor_inputs), len(param_args))
         if node.op in ("call_function", "call_method"):
             attrs = {**attrs, **_fx_call(node, ops)}
-        if isinstance(meta, (tuple, list)) and all(isinstance(m, TensorMetadata) for m in meta):
-            attrs = {**attrs, "shapes": [tuple(m.shape) for m in meta]}  # a tuple's parts (split)
         ops[node.name] = Op(
             name=node.name,
             kind=kind,

@@ -75,8 +75,7 @@ class Op:
     params: dict[str, str] = field(default_factory=dict)  # role -> qualified parameter/buffer name
     # for calls of functions/methods/aten ops: "fn" (canonical name: "view", "split", "getitem",
     # "cat", ...), "args" and "kwargs" with tensors written as Ref (see `Ref`), for the index-space
-    # analysis; "shapes": the traced shapes of a tuple-valued op's parts (a split's outputs); plus
-    # what normalize records per kind
+    # analysis; plus what normalize records per kind
     attrs: dict[str, Any] = field(default_factory=dict)
     scope: tuple[str, ...] = ()  # enclosing module paths, outermost first
     source: str | None = None  # user source line, for messages
