@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -85,7 +86,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tasks = [
         (layout, int(seed), name, args.out)
-        for name in args.variants.split(",")
+        for name in re.split(r",(?![^{]*})", args.variants)  # not the commas inside JSON
         for layout in args.layouts.split(",")
         for seed in args.seeds.split(",")
     ]
