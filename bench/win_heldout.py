@@ -129,18 +129,29 @@ def fit(net: nn.Module, batches: list, steps: int, lr: float, teacher: nn.Module
         sched.step()
 
 
+def splits(seed: int) -> tuple[dict, list]:
+    """The char corpus's splits (its own window order) and the training windows in `seed`'s order."""
+    data = _char_splits(CONTEXT, BATCH, seed=7)
+    g = torch.Generator().manual_seed(seed)
+    train = [data["train"][i] for i in torch.randperm(len(data["train"]), generator=g).tolist()]
+    return data, train
+
+
+def trained_teacher(layout: str, seed: int, train: list, steps: int) -> GPT:
+    """The user's 2x teacher of `seed`: 3x the student's steps, in its own data order."""
+    torch.manual_seed(seed)
+    teacher = model(layout, wide=True)
+    fit(teacher, train[steps:], 3 * steps, 3e-3, None)
+    return teacher.eval()
+
+
 def one(args: tuple[str, int, int]) -> dict:
     """One layout at one seed: the teacher, vanilla and KD at each rate, the default recipe."""
     layout, seed, steps = args
     torch.set_num_threads(1)
-    data = _char_splits(CONTEXT, BATCH, seed=7)  # its own window order
-    g = torch.Generator().manual_seed(seed)
-    train = [data["train"][i] for i in torch.randperm(len(data["train"]), generator=g).tolist()]
+    data, train = splits(seed)
     t0 = time.time()
-    torch.manual_seed(seed)
-    teacher = model(layout, wide=True)
-    fit(teacher, train[steps:], 3 * steps, 3e-3, None)  # the teacher's own data order
-    teacher.eval()
+    teacher = trained_teacher(layout, seed, train, steps)
     out = {"teacher": bits(teacher, data["test"])}
     for row, kd in (("vanilla", None), ("KD", teacher)):
         best = None

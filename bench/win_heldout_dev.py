@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import win_heldout as held  # noqa: E402
-from win_eval import _char_splits  # noqa: E402
 
 from surgery import win  # noqa: E402
 
@@ -34,18 +33,14 @@ STEPS = 1200
 
 
 def _setup(layout: str, seed: int, out: Path) -> tuple[dict, list, torch.nn.Module]:
+    """The splits, the training order and the teacher of `seed` (trained once, cached in `out`)."""
     torch.set_num_threads(1)
-    data = _char_splits(held.CONTEXT, held.BATCH, seed=7)
-    g = torch.Generator().manual_seed(seed)
-    train = [data["train"][i] for i in torch.randperm(len(data["train"]), generator=g).tolist()]
+    data, train = held.splits(seed)
     path = out / f"teacher_{layout}_{seed}.pt"
-    torch.manual_seed(seed)
+    if not path.exists():
+        torch.save(held.trained_teacher(layout, seed, train, STEPS).state_dict(), path)
     teacher = held.model(layout, wide=True)
-    if path.exists():
-        teacher.load_state_dict(torch.load(path))
-    else:
-        held.fit(teacher, train[STEPS:], 3 * STEPS, 3e-3, None)
-        torch.save(teacher.state_dict(), path)
+    teacher.load_state_dict(torch.load(path))
     return data, train, teacher.eval()
 
 
