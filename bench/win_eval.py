@@ -399,9 +399,32 @@ def _teacher(bench: Bench, seed: int, folder: Path) -> tuple[str, float, float]:
 
 
 def _task(args: tuple) -> tuple:
-    bench, row, index, config, seed, split, teacher = args
-    run = run_row(bench, row, config, seed, split, teacher)
-    return row, index, seed, split, run
+    bench, row, config, seed, split, teacher = args
+    return row, config, seed, run_row(bench, row, config, seed, split, teacher)
+
+
+LIBRARY_ROWS = ("default recipe", "default + imitation")  # what the library's defaults decide
+
+
+def config_key(row: str, config: dict[str, Any]) -> str:
+    """How a validation run is filed: its row and its configuration."""
+    return f"{row} {json.dumps(config, sort_keys=True)}"
+
+
+def _reusable(reuse: dict | None, teachers: dict, test_seeds: tuple[int, ...]) -> dict:
+    """The runs of an earlier protocol run (`--reuse`) that this one would repeat exactly: the
+    validation runs of every configuration and the test runs of every baseline row. Only when
+    the teachers trained again here score exactly as they did then (the runs are deterministic)."""
+    if reuse is None:
+        return {"dev": {}, "test": {}, "chosen": {}}
+    then = reuse["teacher"]
+    now = [teachers[s][2] for s in test_seeds]
+    if now != then:
+        raise SystemExit(
+            f"--reuse: the teachers trained here score {now}, the reused run's {then}: not the "
+            f"same runs (other code, torch or machine); run the whole protocol without --reuse"
+        )
+    return reuse
 
 
 def protocol(
@@ -410,7 +433,12 @@ def protocol(
     dev_seeds: tuple[int, ...],
     workers: int,
     folder: Path,
+    reuse: dict | None = None,
 ) -> dict:
+    """The teachers, every tuned row's grid on the validation split (dev seeds), then every row once
+    on the test split (test seeds) at its chosen configuration. `reuse`: an earlier run's saved
+    numbers: its validation runs and its baseline test runs are taken instead of run again (the
+    library's rows always run), after checking that one of them comes out the same again."""
     started = time.time()
     with ProcessPoolExecutor(workers) as pool:
         teachers = dict(
@@ -426,40 +454,73 @@ def protocol(
             )
         )
         print(f"[{bench.name}] teachers trained ({time.time() - started:.0f} s)", flush=True)
+        earlier = _reusable(reuse, teachers, test_seeds)
+        tuned = [(r, c) for r, grid in GRIDS.items() if len(grid(bench)) > 1 for c in grid(bench)]
+        dev = {config_key(r, c): earlier["dev"][config_key(r, c)] for r, c in tuned
+               if config_key(r, c) in earlier["dev"]}  # fmt: skip
+        reused_dev = len(dev)
         jobs = [
-            (bench, row, i, config, seed, "val", teachers[seed][0])
-            for row, grid in GRIDS.items()
-            for i, config in enumerate(grid(bench))
+            (bench, row, config, seed, "val", teachers[seed][0])
+            for row, config in tuned
+            if config_key(row, config) not in dev
             for seed in dev_seeds
-            if len(grid(bench)) > 1
         ]
-        dev: dict[tuple[str, int], list[float]] = {}
-        for row, i, _, _, run in pool.map(_task, jobs):
-            dev.setdefault((row, i), []).append(run.metric)
-        chosen = {}
-        for row, grid in GRIDS.items():
-            configs = grid(bench)
-            if len(configs) == 1:
-                chosen[row] = configs[0]
-                continue
-            sign = 1 if bench.lower_is_better else -1
-            best = min(range(len(configs)), key=lambda i: sign * statistics.mean(dev[(row, i)]))
-            chosen[row] = configs[best]
+        for row, config, _, run in pool.map(_task, jobs):  # in seed order per configuration
+            dev.setdefault(config_key(row, config), []).append(run.metric)
+        sign = 1 if bench.lower_is_better else -1
+        chosen = {
+            row: min(
+                grid(bench), key=lambda c, r=row: sign * statistics.mean(dev[config_key(r, c)])
+            )
+            if len(grid(bench)) > 1
+            else grid(bench)[0]
+            for row, grid in GRIDS.items()
+        }
         print(
             f"[{bench.name}] validation-selected: {json.dumps(chosen)} ({time.time() - started:.0f} s)",
             flush=True,
         )
-        jobs = [
-            (bench, row, 0, chosen[row], seed, "test", teachers[seed][0])
+        test: dict[str, dict[int, Run]] = {
+            row: {s: Run(**earlier["test"][row][str(s)]) for s in test_seeds}
             for row in GRIDS
+            if row not in LIBRARY_ROWS and earlier["chosen"].get(row) == chosen[row]
+        }
+        reused = sorted(test)
+        jobs = [
+            (bench, row, chosen[row], seed, "test", teachers[seed][0])
+            for row in GRIDS
+            if row not in test
             for seed in test_seeds
         ]
-        test: dict[str, dict[int, Run]] = {}
-        for row, _, seed, _, run in pool.map(_task, jobs):
-            test.setdefault(row, {})[seed] = run
-    teacher_test = [teachers[s][2] for s in test_seeds]
-    return {"chosen": chosen, "dev": {f"{r} #{i}": v for (r, i), v in dev.items()}, "test": test,
-            "teacher": teacher_test, "seconds": time.time() - started}  # fmt: skip
+        if reused:  # one reused run again, to check that it comes out the same
+            jobs.append(
+                (
+                    bench,
+                    reused[0],
+                    chosen[reused[0]],
+                    test_seeds[0],
+                    "test",
+                    teachers[test_seeds[0]][0],
+                )
+            )
+        runs = list(pool.map(_task, jobs))
+    if reused:
+        row, _, seed, again = runs.pop()
+        if again.metric != test[row][seed].metric:
+            raise SystemExit(
+                f"--reuse: {row} at seed {seed} gives {again.metric} now, {test[row][seed].metric} "
+                "in the reused run: not the same runs; run the whole protocol without --reuse"
+            )
+    for row, _, seed, run in runs:
+        test.setdefault(row, {})[seed] = run
+    return {
+        "chosen": chosen,
+        "dev": dev,
+        "test": {row: test[row] for row in GRIDS},
+        "teacher": [teachers[s][2] for s in test_seeds],
+        "seconds": time.time() - started,
+        "reused": {"validation configurations": reused_dev, "test rows": reused},
+    }
 
 
 def paired_ci(values: list[float], against: list[float]) -> str:
@@ -498,6 +559,13 @@ def table(bench: Bench, result: dict) -> str:
             f"{flops:7.3f} {reach:>16s}"
         )
     lines.append(f"validation-selected: {json.dumps(result['chosen'])}")
+    reused = result.get("reused") or {}
+    if reused.get("validation configurations") or reused.get("test rows"):
+        lines.append(
+            f"taken from the earlier run (--reuse, checked to repeat exactly): "
+            f"{reused['validation configurations']} validation configurations, test rows "
+            f"{', '.join(reused['test rows']) or 'none'}"
+        )
     return "\n".join(lines)
 
 
@@ -561,7 +629,14 @@ def main() -> None:
         "--quick", action="store_true", help="2 test seeds, 1 dev seed, a quarter of the steps"
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        help="an earlier run's JSON: its validation runs and baseline test runs are taken, not "
+        "run again (checked to be the same runs); the library's rows always run",
+    )
     args = parser.parse_args()
+    reuse = json.loads(args.reuse.read_text()) if args.reuse else None
     bench = BENCHES[args.bench]
     test_seeds, dev_seeds = TEST_SEEDS, DEV_SEEDS
     if args.quick:
@@ -577,7 +652,7 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        result = protocol(bench, test_seeds, dev_seeds, args.workers, Path(folder))
+        result = protocol(bench, test_seeds, dev_seeds, args.workers, Path(folder), reuse)
     print(table(bench, result))
     root = Path(__file__).parents[1] / "docs" / "results"
     suffix = "-quick" if args.quick else ""
