@@ -30,7 +30,9 @@ from surgery.analysis.widths import WidthTable, width_groups
 from surgery.errors import PlanError
 from surgery.ir.capture import as_example_inputs
 
-SELECTS = ("energy", "random", "first", "uniform")
+from .rotate import norm_params, residual_bases, rotated
+
+SELECTS = ("energy", "random", "first", "uniform", "rotation")
 SCALES = ("fan_in", "sqrt", "none")
 _LINEAR_LIKE = ("linear", "conv")
 
@@ -52,7 +54,9 @@ def sample_from_teacher(
 
     select: which teacher units each space takes: "energy" (those whose inputs carry the most
     energy in the teacher on `refit`, else the example inputs, measured at every layer reading
-    them), "random", "uniform" (evenly spaced: weight selection) or "first" (the plain slice).
+    them), "random", "uniform" (evenly spaced: weight selection), "first" (the plain slice), or
+    "rotation": energy inside the blocks, and the residual stream that feature norms read turned
+    onto its d principal directions instead of cut to d channels (win/rotate.py; no refit there).
     scale: how input-side weights of Linear/Conv layers are scaled: "none" (the plain slice),
     "fan_in" (x D/d: each sampled pre-activation an unbiased estimate of the teacher's), "sqrt",
     or an exponent p: x (D/d)**p.
@@ -118,6 +122,7 @@ class Selection:
         }
         self.chosen: dict[int, torch.Tensor] = {}  # student leaf -> teacher units (sorted)
         self.chosen_leading: dict[int, torch.Tensor] = {}  # teacher factor -> the one unit taken
+        self.bases: dict[int, torch.Tensor] = {}  # teacher leaf -> its D x d basis ("rotation")
         self.notes: list[str] = []  # what the log should say about the choice
 
     # ---- matching student spaces to teacher spaces ----
@@ -172,18 +177,14 @@ class Selection:
         """Student leaf -> the teacher indices it takes (sorted)."""
         if select not in SELECTS:
             raise PlanError(f"select must be one of {SELECTS}, got {select!r}")
-        energy = (
-            self.energies(
-                self.inputs if calibration is None else as_example_inputs(self.student, calibration)
-            )
-            if select == "energy"
-            else {}
+        inputs = (
+            self.inputs if calibration is None else as_example_inputs(self.student, calibration)
         )
+        energy = self.energies(inputs) if select in ("energy", "rotation") else {}
+        units = "energy" if select == "rotation" else select
         s, t = self.s.spaces, self.t.spaces
         for atom in self.leading:  # one unit of a factor the student lacks (one of the heads)
-            self.chosen_leading[atom] = _units(
-                t.width(atom), 1, select, generator, energy.get(atom)
-            )
+            self.chosen_leading[atom] = _units(t.width(atom), 1, units, generator, energy.get(atom))
         for leaf, target in self.pairs.items():
             ws, wt = s.width(leaf), t.width(target)
             if wt < ws:
@@ -200,8 +201,10 @@ class Selection:
             self.chosen[leaf] = (
                 self.chosen_leading[target]
                 if ws == 1
-                else _units(wt, ws, select, generator, energy.get(target))
+                else _units(wt, ws, units, generator, energy.get(target))
             )
+        if select == "rotation":
+            self.bases = residual_bases(self, inputs)
         return self.chosen
 
     def energies(self, inputs: tuple[Any, ...]) -> dict[int, torch.Tensor]:
@@ -304,6 +307,7 @@ class Selection:
         s_state = self.student.state_dict(keep_vars=True)
         t_state = self.teacher.state_dict(keep_vars=True)
         input_dims = self._input_dims()
+        roles = norm_params(self) if self.bases else {}
         done: dict[int, list[torch.Tensor | None]] = {}
         taken: dict[str, list[torch.Tensor | None]] = {}
         for name, tensor in s_state.items():
@@ -315,15 +319,28 @@ class Selection:
             source = t_state[name]
             indices = self.tensor_indices(name, tuple(tensor.shape))
             value = source
+            turned = self._rotated_dims(name)
             for d, index in enumerate(indices):
-                if index is not None:
+                if d in turned:
+                    value = rotated(value, d, turned[d].to(value.device), roles.get(name))
+                elif index is not None:
                     value = value.index_select(d, index.to(value.device))
             d_in = input_dims.get(name)
-            if d_in is not None and indices[d_in] is not None:
+            if d_in is not None and indices[d_in] is not None and d_in not in turned:
                 value = value * _scale(source.shape[d_in] / tensor.shape[d_in], self.scale)
             tensor.copy_(value.to(tensor.dtype))
             done[id(tensor)] = taken[name] = indices
         return taken
+
+    def _rotated_dims(self, name: str) -> dict[int, torch.Tensor]:
+        """Dim -> basis for the dims of student tensor `name` that a rotated stream indexes."""
+        if not self.bases:
+            return {}
+        return {
+            d: self.bases[plan.target]
+            for d, plan in enumerate(self.dim_plans.get(name, ()))
+            if plan.kind == "leaf" and plan.target in self.bases
+        }
 
     def _input_dims(self) -> dict[str, int]:
         """Weight name -> its input dim, for the Linear / conv layers (what `scale` scales)."""
@@ -398,6 +415,11 @@ class Selection:
                 continue
             if flow.param_aliases.get(weight):
                 continue  # tied: refitting here would rewrite the other use
+            if self._rotated_dims(weight) or any(
+                p.kind == "leaf" and p.target in self.bases
+                for p in self.axis_plans.get(op.name, ())
+            ):
+                continue  # a rotated stream has no chosen units to fit to
             shape = tuple(self.s.flow.param_shapes[weight])
             if op.name not in self.axis_plans or all(
                 i is None for i in self.tensor_indices(weight, shape)

@@ -1,0 +1,121 @@
+"""The residual stream's start by rotation (SliceGPT's idea, used as an initialisation): instead of
+keeping d of the teacher's D residual channels, the thin student keeps the d directions along
+which the teacher's normalised residual stream varies most. Every tensor dim of that stream
+(embeddings, the writers' outputs and biases, the readers' inputs) is multiplied by one D x d
+orthonormal basis; each norm's gain becomes its best diagonal in the new basis. On a held-out GPT
+(docs/results.md) this start is closer to the teacher than any channel selection and ends better
+after the same KD fine-tuning.
+
+Only a stream that feature norms read (LayerNorm, RMSNorm: over the whole last axis) is turned:
+the norm makes the stream's direction, not its channels, what its readers see. For a mean-centring
+norm the student's own mean direction is kept empty (its centring would remove it), so d - 1
+principal directions are kept. The result is a start, not a fold: nothing here claims exactness.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .sample import Selection
+
+
+def norm_params(selection: Selection) -> dict[str, str]:
+    """Parameter name -> "weight" or "bias" for every feature norm of the student."""
+    found = {}
+    for op in selection.s.flow.ops.values():
+        if op.kind == "norm" and op.attrs.get("normalized"):
+            for role in ("weight", "bias"):
+                if op.params.get(role):
+                    found[op.params[role]] = role
+    return found
+
+
+@torch.no_grad()
+def residual_bases(selection: Selection, inputs: tuple[Any, ...]) -> dict[int, torch.Tensor]:
+    """Teacher leaf -> its D x d basis (float64) for every unstructured teacher space that feature
+    norms read and the student keeps 1 < d < D units of: the top principal directions of the unit
+    vectors those norms read on `inputs` (centred first where every reader centres)."""
+    s, t = selection.s.spaces, selection.t.spaces
+    kept = {target: s.width(leaf) for leaf, target in selection.pairs.items()}
+    modules = dict(selection.teacher.named_modules())
+    readers: dict[int, list[nn.Module]] = {}
+    for op in selection.t.flow.ops.values():
+        if op.kind != "norm" or not op.attrs.get("normalized") or op.module not in modules:
+            continue
+        axes = t.axes.get(op.inputs[0]) if op.inputs else None
+        if not axes or t.structure(axes[-1]) is not None:
+            continue
+        leaf = t.find(axes[-1])
+        if 1 < kept.get(leaf, 0) < t.width(leaf):
+            readers.setdefault(leaf, []).append(modules[op.module])
+    if not readers:
+        return {}
+    seen: dict[int, list[torch.Tensor]] = {leaf: [] for leaf in readers}
+    handles = [
+        m.register_forward_pre_hook(lambda m, a, leaf=leaf: seen[leaf].append(a[0].detach()))
+        for leaf, ms in readers.items()
+        for m in dict.fromkeys(ms)
+    ]
+    from .sample import _eval
+
+    try:
+        with _eval(selection.teacher):
+            selection.teacher(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    bases = {}
+    with _eval(selection.teacher):
+        for leaf, xs in seen.items():
+            width = t.width(leaf)
+            xs = [x.reshape(-1, width).double() for x in xs if x.shape[-1] == width]
+            if not xs:
+                continue
+            centred = all(_centres(m, xs[0]) for m in readers[leaf])
+            bases[leaf] = _basis(xs, kept[leaf], centred)
+    return bases
+
+
+def _centres(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `norm` ignores a constant added to every feature (LayerNorm does, RMSNorm not)."""
+    sample = x[:64].to(next(norm.parameters(), x).dtype)
+    shift = sample.abs().mean().clamp_min(1e-3)
+    return torch.allclose(norm(sample), norm(sample + shift), rtol=1e-3, atol=1e-4)
+
+
+def _basis(xs: list[torch.Tensor], d: int, centred: bool) -> torch.Tensor:
+    """The D x d orthonormal basis: top principal directions of the rows of `xs` as unit vectors;
+    when `centred`, d - 1 of them beside the mean direction, turned (a Householder reflection) so
+    that the mean direction lands on the student's own mean direction."""
+    width = xs[0].shape[1]
+    second = torch.zeros(width, width, dtype=torch.float64)
+    for x in xs:
+        if centred:
+            x = x - x.mean(1, keepdim=True)
+        unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        second += unit.T @ unit
+    if not centred:
+        return torch.linalg.eigh(second).eigenvectors[:, -d:].flip(1)
+    mean = torch.full((width, 1), 1 / math.sqrt(width), dtype=torch.float64)
+    project = torch.eye(width, dtype=torch.float64) - mean @ mean.T
+    top = torch.linalg.eigh(project @ second @ project).eigenvectors[:, -(d - 1) :].flip(1)
+    v = torch.full((d,), 1 / math.sqrt(d), dtype=torch.float64)
+    v[-1] -= 1  # the reflection across v swaps the student's mean direction and its last axis
+    turn = torch.eye(d, dtype=torch.float64) - 2 * torch.outer(v, v) / (v @ v)
+    return torch.cat([top, mean], 1) @ turn
+
+
+def rotated(value: torch.Tensor, dim: int, basis: torch.Tensor, role: str | None) -> torch.Tensor:
+    """A teacher tensor's `dim` taken into the basis: contracted with it (embeddings, weights,
+    biases, a norm's bias), or for a norm's gain its best diagonal, scaled by sqrt(D / d) (the
+    student's norm divides by the size of d features, the teacher's by D)."""
+    big, small = basis.shape
+    if role == "weight":
+        return math.sqrt(big / small) * (basis**2).T @ value.double()
+    out = torch.tensordot(value.double().movedim(dim, -1), basis, dims=([-1], [0]))
+    return out.movedim(-1, dim)

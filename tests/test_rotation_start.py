@@ -1,0 +1,103 @@
+"""The rotation start (`select="rotation"`, win/rotate.py): the residual stream turned onto its
+principal directions instead of cut to channels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from families import FAMILIES, MORE_FAMILIES
+from torch import nn
+
+from surgery import win
+from surgery.win.sample import Selection
+
+ALL = {**FAMILIES, **MORE_FAMILIES}
+VOCAB = 24
+
+
+class RMSNet(nn.Module):
+    """Pre-RMSNorm residual MLP blocks over token embeddings, an untied head."""
+
+    def __init__(self, width: int, hidden: int, blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.norms = nn.ModuleList(nn.RMSNorm(width) for _ in range(blocks))
+        self.ins = nn.ModuleList(nn.Linear(width, hidden) for _ in range(blocks))
+        self.outs = nn.ModuleList(nn.Linear(hidden, width) for _ in range(blocks))
+        self.final = nn.RMSNorm(width)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for norm, up, down in zip(self.norms, self.ins, self.outs, strict=True):
+            x = x + down(torch.tanh(up(norm(x))))
+        return self.head(self.final(x))
+
+
+@torch.no_grad()
+def _hidden_copy(thin: RMSNet, basis: torch.Tensor) -> RMSNet:
+    """A teacher twice as wide that computes exactly what `thin` does: its residual stream is
+    `thin`'s turned into a d-dim subspace of D (orthonormal `basis`, D x d), its extra hidden units
+    are dead, and its norm gains make up for normalising over D features instead of d."""
+    d, h = thin.embed.weight.shape[1], thin.ins[0].out_features
+    wide = RMSNet(2 * d, 2 * h, len(thin.ins))
+    q = basis.float()
+    wide.embed.weight.copy_(thin.embed.weight @ q.T)
+    for i in range(len(thin.ins)):
+        wide.norms[i].weight.fill_(math.sqrt(0.5))
+        wide.ins[i].weight.zero_()
+        wide.ins[i].bias.zero_()
+        wide.ins[i].weight[:h] = thin.ins[i].weight @ q.T
+        wide.ins[i].bias[:h] = thin.ins[i].bias
+        wide.outs[i].weight.zero_()
+        wide.outs[i].weight[:, :h] = q @ thin.outs[i].weight
+        wide.outs[i].bias.copy_(q @ thin.outs[i].bias)
+    wide.final.weight.fill_(math.sqrt(0.5))
+    wide.head.weight.copy_(thin.head.weight @ q.T)
+    wide.head.bias.copy_(thin.head.bias)
+    return wide.eval()
+
+
+def test_a_teacher_hiding_a_thin_model_in_a_turned_subspace_gives_it_back():
+    torch.manual_seed(0)
+    thin = RMSNet(8, 12).eval()
+    basis = torch.linalg.qr(torch.randn(16, 8, dtype=torch.float64)).Q
+    teacher = _hidden_copy(thin, basis)
+    ids = torch.randint(0, VOCAB, (64, 10))
+    assert (teacher(ids) - thin(ids)).abs().max() < 1e-4  # the construction is right
+    errors = {}
+    for select in ("rotation", "energy"):
+        torch.manual_seed(1)
+        student = RMSNet(8, 12).eval()
+        win.sample_from_teacher(student, teacher, (ids[:2],), select=select, refit=ids)
+        errors[select] = (student(ids) - teacher(ids)).abs().max().item()
+    assert errors["rotation"] < 1e-4, errors  # the turned subspace found and taken whole
+    assert errors["energy"] > 1e-2, errors  # no d channels hold it
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_rotation_start_runs_on_every_family(name):
+    family = ALL[name]
+    torch.manual_seed(0)
+    student = family.build(family.width)
+    x = family.inputs()
+    teacher = win.widen(student, 2.0, x).eval()
+    calibration = torch.cat([b[0] for b in family.batches()])
+    selection = Selection(student, teacher, x)
+    selection.choose("rotation", calibration=calibration)
+    selection.copy()
+    student.eval()
+    with torch.no_grad():
+        out = student(*x)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    assert torch.isfinite(logits).all(), name
+    reads_norms = any(
+        op.kind == "norm" and op.attrs.get("normalized") for op in selection.t.flow.ops.values()
+    )
+    assert bool(selection.bases) == reads_norms, name
+    for basis in selection.bases.values():  # orthonormal columns
+        assert torch.allclose(
+            basis.T @ basis, torch.eye(basis.shape[1], dtype=basis.dtype), atol=1e-8
+        )
