@@ -55,9 +55,9 @@ def residual_bases(selection: Selection, inputs: tuple[Any, ...]) -> dict[int, t
             readers.setdefault(leaf, []).append(modules[op.module])
     if not readers:
         return {}
-    seen: dict[int, list[torch.Tensor]] = {leaf: [] for leaf in readers}
+    moments = {leaf: _Moments() for leaf in readers}
     handles = [
-        m.register_forward_pre_hook(lambda m, a, leaf=leaf: seen[leaf].append(a[0].detach()))
+        m.register_forward_pre_hook(lambda m, a, leaf=leaf: moments[leaf].add(a[0], t.width(leaf)))
         for leaf, ms in readers.items()
         for m in dict.fromkeys(ms)
     ]
@@ -71,42 +71,55 @@ def residual_bases(selection: Selection, inputs: tuple[Any, ...]) -> dict[int, t
             h.remove()
     bases = {}
     with _eval(selection.teacher):
-        for leaf, xs in seen.items():
-            width = t.width(leaf)
-            xs = [x.reshape(-1, width).double() for x in xs if x.shape[-1] == width]
-            if not xs:
+        for leaf, seen in moments.items():
+            if seen.sample is None:
                 continue
-            centred = all(_centres(m, xs[0]) for m in readers[leaf])
-            bases[leaf] = _basis(xs, kept[leaf], centred)
+            centred = all(_centres(m, seen.sample) for m in readers[leaf])
+            bases[leaf] = _basis(seen.centred if centred else seen.plain, kept[leaf], centred)
     return bases
+
+
+class _Moments:
+    """The second moments of the unit vectors a stream's norms read, summed as they pass (plain
+    and mean-centred), and a few of the vectors themselves: no activations kept."""
+
+    def __init__(self) -> None:
+        self.plain: torch.Tensor | None = None
+        self.centred: torch.Tensor | None = None
+        self.sample: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, width: int) -> None:
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != width:
+            return
+        rows = x.detach().reshape(-1, width)
+        if self.sample is None:
+            self.sample = rows[:64].clone()
+        rows = rows.double()
+        for name, v in (("plain", rows), ("centred", rows - rows.mean(1, keepdim=True))):
+            unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            total = getattr(self, name)
+            setattr(self, name, unit.T @ unit if total is None else total + unit.T @ unit)
 
 
 def _centres(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether `norm` ignores a constant added to every feature (LayerNorm does, RMSNorm not)."""
-    sample = x[:64].to(next(norm.parameters(), x).dtype)
-    shift = sample.abs().mean().clamp_min(1e-3)
-    return torch.allclose(norm(sample), norm(sample + shift), rtol=1e-3, atol=1e-4)
+    shift = x.abs().mean().clamp_min(1e-3)
+    return torch.allclose(norm(x), norm(x + shift), rtol=1e-3, atol=1e-4)
 
 
-def _basis(xs: list[torch.Tensor], d: int, centred: bool) -> torch.Tensor:
-    """The D x d orthonormal basis: top principal directions of the rows of `xs` as unit vectors;
-    when `centred`, d - 1 of them beside the mean direction, turned (a Householder reflection) so
-    that the mean direction lands on the student's own mean direction."""
-    width = xs[0].shape[1]
-    second = torch.zeros(width, width, dtype=torch.float64)
-    for x in xs:
-        if centred:
-            x = x - x.mean(1, keepdim=True)
-        unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        second += unit.T @ unit
+def _basis(second: torch.Tensor, d: int, centred: bool) -> torch.Tensor:
+    """The D x d orthonormal basis: the top principal directions of a `second` moment; when
+    `centred`, d - 1 of them beside the mean direction, turned (a Householder reflection) so that
+    the mean direction lands on the student's own mean direction."""
+    width = second.shape[0]
     if not centred:
         return torch.linalg.eigh(second).eigenvectors[:, -d:].flip(1)
-    mean = torch.full((width, 1), 1 / math.sqrt(width), dtype=torch.float64)
-    project = torch.eye(width, dtype=torch.float64) - mean @ mean.T
+    mean = torch.full((width, 1), 1 / math.sqrt(width), dtype=second.dtype, device=second.device)
+    project = torch.eye(width, dtype=second.dtype, device=second.device) - mean @ mean.T
     top = torch.linalg.eigh(project @ second @ project).eigenvectors[:, -(d - 1) :].flip(1)
-    v = torch.full((d,), 1 / math.sqrt(d), dtype=torch.float64)
+    v = torch.full((d,), 1 / math.sqrt(d), dtype=second.dtype, device=second.device)
     v[-1] -= 1  # the reflection across v swaps the student's mean direction and its last axis
-    turn = torch.eye(d, dtype=torch.float64) - 2 * torch.outer(v, v) / (v @ v)
+    turn = torch.eye(d, dtype=second.dtype, device=second.device) - 2 * torch.outer(v, v) / (v @ v)
     return torch.cat([top, mean], 1) @ turn
 
 
