@@ -94,7 +94,8 @@ def test_rotation_start_runs_on_every_family(name):
     logits = out if isinstance(out, torch.Tensor) else out.logits
     assert torch.isfinite(logits).all(), name
     reads_norms = any(
-        op.kind == "norm" and op.attrs.get("normalized") for op in selection.t.flow.ops.values()
+        op.kind == "norm" and op.attrs.get("normalized") == 1
+        for op in selection.t.flow.ops.values()
     )
     assert bool(selection.bases) == reads_norms, name
     for basis in selection.bases.values():  # orthonormal columns

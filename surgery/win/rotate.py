@@ -25,10 +25,10 @@ if TYPE_CHECKING:
 
 
 def norm_params(selection: Selection) -> dict[str, str]:
-    """Parameter name -> "weight" or "bias" for every feature norm of the student."""
+    """Parameter name -> "weight" or "bias" for every feature norm (over the last axis) of the student."""
     found = {}
     for op in selection.s.flow.ops.values():
-        if op.kind == "norm" and op.attrs.get("normalized"):
+        if op.kind == "norm" and op.attrs.get("normalized") == 1:
             for role in ("weight", "bias"):
                 if op.params.get(role):
                     found[op.params[role]] = role
@@ -45,7 +45,7 @@ def residual_bases(selection: Selection, inputs: tuple[Any, ...]) -> dict[int, t
     modules = dict(selection.teacher.named_modules())
     readers: dict[int, list[nn.Module]] = {}
     for op in selection.t.flow.ops.values():
-        if op.kind != "norm" or not op.attrs.get("normalized") or op.module not in modules:
+        if op.kind != "norm" or op.attrs.get("normalized") != 1 or op.module not in modules:
             continue
         axes = t.axes.get(op.inputs[0]) if op.inputs else None
         if not axes or t.structure(axes[-1]) is not None:
