@@ -61,14 +61,9 @@ def residual_bases(selection: Selection, inputs: tuple[Any, ...]) -> dict[int, t
         for leaf, ms in readers.items()
         for m in dict.fromkeys(ms)
     ]
-    from .sample import _eval
+    from .sample import _eval, hooked_forward  # sample imports this module
 
-    try:
-        with _eval(selection.teacher):
-            selection.teacher(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(selection.teacher, inputs, handles)
     bases = {}
     with _eval(selection.teacher):
         for leaf, seen in moments.items():

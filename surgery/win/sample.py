@@ -251,12 +251,7 @@ class Selection:
                         lambda m, a, o, sp=space_out, ax=out_axis: record(written, sp, o, ax)
                     )
                 )
-        try:
-            with _eval(self.teacher):
-                self.teacher(*inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        hooked_forward(self.teacher, inputs, handles)
         return {**written, **read}
 
     # ---- indices ----
@@ -339,8 +334,12 @@ class Selection:
         return {
             d: self.bases[plan.target]
             for d, plan in enumerate(self.dim_plans.get(name, ()))
-            if plan.kind == "leaf" and plan.target in self.bases
+            if self._rotated(plan)
         }
+
+    def _rotated(self, plan: _Plan) -> bool:
+        """Whether a plan takes a whole rotated stream (a basis, not units)."""
+        return plan.kind == "leaf" and plan.target in self.bases
 
     def _input_dims(self) -> dict[str, int]:
         """Weight name -> its input dim, for the Linear / conv layers (what `scale` scales)."""
@@ -370,12 +369,7 @@ class Selection:
             t_modules[path].register_forward_hook(lambda m, a, o, path=path: keep(path, o))
             for path in layers
         ]
-        try:
-            with _eval(self.teacher):
-                self.teacher(*inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        hooked_forward(self.teacher, inputs, handles)
         s_modules = dict(self.student.named_modules())
         done = []
         with _eval(self.student):
@@ -416,8 +410,7 @@ class Selection:
             if flow.param_aliases.get(weight):
                 continue  # tied: refitting here would rewrite the other use
             if self._rotated_dims(weight) or any(
-                p.kind == "leaf" and p.target in self.bases
-                for p in self.axis_plans.get(op.name, ())
+                self._rotated(p) for p in self.axis_plans.get(op.name, ())
             ):
                 continue  # a rotated stream has no chosen units to fit to
             shape = tuple(self.s.flow.param_shapes[weight])
@@ -517,6 +510,16 @@ def _eval(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def hooked_forward(model: nn.Module, inputs: tuple[Any, ...], handles: list) -> None:
+    """One forward of `model` in eval mode for the hooks in `handles`, removed after it."""
+    try:
+        with _eval(model):
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _scale(ratio: float, how: str | float) -> float:
