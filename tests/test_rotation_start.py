@@ -102,3 +102,30 @@ def test_rotation_start_runs_on_every_family(name):
         assert torch.allclose(
             basis.T @ basis, torch.eye(basis.shape[1], dtype=basis.dtype), atol=1e-8
         )
+
+
+def test_the_measured_start_tries_the_rotation_where_norms_read_the_stream():
+    """Where feature norms read the residual stream the measured start tries the rotation beside
+    the channel selections (CNNs without such norms skip it: tests/test_win.py); on a teacher that
+    hides a thin model in a turned subspace it is the candidate kept, and its start is that model."""
+    from surgery.win.start import held_out_batch, recipe_start, start_quality
+
+    torch.manual_seed(0)
+    thin = RMSNet(8, 12).eval()
+    teacher = _hidden_copy(thin, torch.linalg.qr(torch.randn(16, 8, dtype=torch.float64)).Q)
+    ids = torch.randint(0, VOCAB, (40, 16, 10))
+    batches = [(x, x) for x in ids]
+    student = RMSNet(8, 12)
+    recipe = win.Recipe(steps=200).for_model(student, (ids[0][:2],))
+    probed = []
+
+    def probe(model, steps, stage):  # a candidate's short distillation, here left out
+        probed.append(stage)
+
+    log = recipe_start(student, teacher, batches, (ids[0][:2],), recipe, probe=probe, steps=200)
+    names = ["own initialisation", "first", "uniform", "energy", "rotation"]
+    assert probed == [f"start probe: {n}" for n in names]
+    assert min(log.start, key=log.start.get) == "rotation, after 4 steps"
+    assert any("rotation chosen" in e for e in log.events)
+    held_out = held_out_batch(batches, recipe.sample_refit)
+    assert start_quality(student, teacher, held_out) < 1e-8

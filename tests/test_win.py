@@ -404,6 +404,24 @@ def test_the_fine_tuning_rate_is_the_largest_whose_probe_lowers_the_loss(trained
     assert all(torch.isfinite(p).all() for p in result.thin.parameters())
 
 
+def test_a_rate_probe_ramps_up_to_its_rate(trained_teacher):
+    """A rate probe warms up over its whole length (the run it stands for warms up too): its
+    learning rate climbs linearly towards the rate probed, never jumping to it at the first step."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    rates: list[float] = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"])
+    )
+    try:
+        recipe = win.Recipe(steps=200, sample_select="first", finetune_rates=(0.01, 0.03))
+        win.win(DeepThin(), trained_teacher, synthetic_batches(), X, recipe)
+    finally:
+        handle.remove()
+    probe = round(0.03 * 200)
+    assert rates[:probe] == pytest.approx([0.03 * (i + 1) / (probe + 1) for i in range(probe)])
+
+
 def test_recipe_defaults_are_chosen_from_the_model():
     """AdamW with warm-up and clipping for a model with attention, the paper's SGD for a CNN; a field
     the user set is kept."""

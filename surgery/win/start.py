@@ -1,6 +1,7 @@
 """The recipe's start, measured. With a budget (`sample_select="measured"`), candidates -- the
 student's own initialisation, and the teacher's units taken as a plain slice ("first"), evenly
-spaced ("uniform") or by energy -- each distil for a few steps from the teacher, and the one whose
+spaced ("uniform"), by energy, or with the residual stream turned onto its principal directions
+("rotation", where feature norms read the stream; elsewhere it is the energy selection) -- each distil for a few steps from the teacher, and the one whose
 held-out distillation loss ends lowest is kept with its run: the loss at the start itself does not
 predict the end (a start refitted by least squares is far better at step 0 and no better after
 fine-tuning: on the validation splits of bench/win_eval.py the refitted candidates won the short
@@ -30,7 +31,8 @@ from .steps import Log, distributed, mean_over_ranks, restore, snapshot
 Batch = tuple[Any, Any]
 Probe = Callable[[nn.Module, int, str], Any]  # (model, steps, stage name): distil it in place
 TOLERANCE = 1e-3  # a step changing the measure by less than this (relative) changed nothing
-MEASURED = ("first", "uniform", "energy")  # the teacher-unit selections a measured start tries
+# the teacher-unit selections a measured start tries ("rotation" only where it turns a stream)
+MEASURED = ("first", "uniform", "energy", "rotation")
 
 
 @torch.no_grad()
@@ -156,8 +158,11 @@ def measured_start(
     names = ["own initialisation"]
     selections: dict[str, Selection] = {}
     for select in MEASURED:
-        selections[select] = Selection(student, teacher, inputs, scale=recipe.sample_scale)
-        selections[select].choose(select, calibration=fit)
+        selection = Selection(student, teacher, inputs, scale=recipe.sample_scale)
+        selection.choose(select, calibration=fit)
+        if select == "rotation" and not selection.bases:
+            continue  # nothing turned: the energy selection again
+        selections[select] = selection
         names.append(select)
     for note in dict.fromkeys(n for s in selections.values() for n in s.notes):
         log.event(f"start: {note}")
