@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from families import FAMILIES, MORE_FAMILIES
 from torch import nn
 
@@ -17,16 +18,23 @@ ALL = {**FAMILIES, **MORE_FAMILIES}
 VOCAB = 24
 
 
+class FunctionalRMSNorm(nn.RMSNorm):
+    """An RMSNorm that calls the norm function with its own weight (as timm's norms do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
 class RMSNet(nn.Module):
     """Pre-RMSNorm residual MLP blocks over token embeddings, an untied head."""
 
-    def __init__(self, width: int, hidden: int, blocks: int = 2) -> None:
+    def __init__(self, width: int, hidden: int, blocks: int = 2, norm: type = nn.RMSNorm) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, width)
-        self.norms = nn.ModuleList(nn.RMSNorm(width) for _ in range(blocks))
+        self.norms = nn.ModuleList(norm(width) for _ in range(blocks))
         self.ins = nn.ModuleList(nn.Linear(width, hidden) for _ in range(blocks))
         self.outs = nn.ModuleList(nn.Linear(hidden, width) for _ in range(blocks))
-        self.final = nn.RMSNorm(width)
+        self.final = norm(width)
         self.head = nn.Linear(width, VOCAB)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -42,7 +50,7 @@ def _hidden_copy(thin: RMSNet, basis: torch.Tensor) -> RMSNet:
     `thin`'s turned into a d-dim subspace of D (orthonormal `basis`, D x d), its extra hidden units
     are dead, and its norm gains make up for normalising over D features instead of d."""
     d, h = thin.embed.weight.shape[1], thin.ins[0].out_features
-    wide = RMSNet(2 * d, 2 * h, len(thin.ins))
+    wide = RMSNet(2 * d, 2 * h, len(thin.ins), type(thin.final))
     q = basis.float()
     wide.embed.weight.copy_(thin.embed.weight @ q.T)
     for i in range(len(thin.ins)):
@@ -60,9 +68,10 @@ def _hidden_copy(thin: RMSNet, basis: torch.Tensor) -> RMSNet:
     return wide.eval()
 
 
-def test_a_teacher_hiding_a_thin_model_in_a_turned_subspace_gives_it_back():
+@pytest.mark.parametrize("norm", [nn.RMSNorm, FunctionalRMSNorm])
+def test_a_teacher_hiding_a_thin_model_in_a_turned_subspace_gives_it_back(norm):
     torch.manual_seed(0)
-    thin = RMSNet(8, 12).eval()
+    thin = RMSNet(8, 12, norm=norm).eval()
     basis = torch.linalg.qr(torch.randn(16, 8, dtype=torch.float64)).Q
     teacher = _hidden_copy(thin, basis)
     ids = torch.randint(0, VOCAB, (64, 10))
@@ -70,7 +79,7 @@ def test_a_teacher_hiding_a_thin_model_in_a_turned_subspace_gives_it_back():
     errors = {}
     for select in ("rotation", "energy"):
         torch.manual_seed(1)
-        student = RMSNet(8, 12).eval()
+        student = RMSNet(8, 12, norm=norm).eval()
         win.sample_from_teacher(student, teacher, (ids[:2],), select=select, refit=ids)
         errors[select] = (student(ids) - teacher(ids)).abs().max().item()
     assert errors["rotation"] < 1e-4, errors  # the turned subspace found and taken whole
@@ -129,3 +138,34 @@ def test_the_measured_start_tries_the_rotation_where_norms_read_the_stream():
     assert any("rotation chosen" in e for e in log.events)
     held_out = held_out_batch(batches, recipe.sample_refit)
     assert start_quality(student, teacher, held_out) < 1e-8
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channel norm: channels moved last inside the module, normalised, moved back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, width, 3, padding=1), LayerNorm2d(width)
+        self.body, self.head = nn.Conv2d(width, width, 3, padding=1), nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head((x + self.body(self.norm(x))).mean((2, 3)))
+
+
+def test_a_norm_of_a_tensor_made_inside_its_module_is_not_read_from_the_module_input():
+    """A norm function called on a tensor the module computed (LayerNorm2d's permute) does not
+    normalise the module's input: no stream is turned by what that module's input holds (its
+    last axis is a spatial one of the same size here), and the start is the energy selection."""
+    torch.manual_seed(0)
+    student, x = ConvNeXtish(8), (torch.randn(4, 3, 16, 16),)
+    teacher = win.widen(student, 2.0, x).eval()
+    selection = Selection(student, teacher, x)
+    selection.choose("rotation", calibration=torch.randn(16, 3, 16, 16))
+    assert selection.bases == {}

@@ -206,6 +206,21 @@ def classify_module(m: nn.Module, one_activation: bool = False) -> Classified:
     return "other", {}
 
 
+def norm_attrs(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a functional (or aten) norm normalises, as its module form records it: the number of
+    last axes (layer_norm, rms_norm: len(normalized_shape)) or the channels in groups (group_norm)."""
+    if name in ("group_norm", "native_group_norm"):
+        at = 6 if name == "native_group_norm" else 1  # aten's (x, w, b, N, C, HxW, group, eps)
+        groups = args[at] if len(args) > at else kwargs.get("num_groups")
+        return {"channels": True, "groups": groups if isinstance(groups, int) else None}
+    shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+    if isinstance(shape, int):
+        return {"normalized": 1}
+    if isinstance(shape, (tuple, list, torch.Size)) and all(isinstance(n, int) for n in shape):
+        return {"normalized": len(shape)}
+    return {}
+
+
 def indexing(args: Sequence[Any]) -> Classified:
     """A getitem: which element of a tuple (e.g. one part of a split) it takes."""
     index = args[1] if len(args) > 1 else None
@@ -412,7 +427,7 @@ def classify_function(
     if fn in _NONLINEAR_FUNCTIONS:
         return "nonlinear", {}
     if fn in _NORM_FUNCTIONS:
-        return "norm", {}
+        return "norm", norm_attrs(fn.__name__, args, kwargs)
     if fn in _RESHAPE_FUNCTIONS:
         return "transparent", {"family": "reshape"}
     if fn in (torch.permute, torch.transpose, torch.swapaxes, torch.t):
@@ -606,7 +621,7 @@ def classify_aten(target: Any, args: Sequence[Any], n_tensor_args: int, rank: in
     if name in _ATEN_NONLINEAR:
         return "nonlinear", {}
     if name in _ATEN_NORM:
-        return "norm", {}
+        return "norm", norm_attrs(name, args, {})
     if name in ("cat", "concat", "stack"):
         return "cat", {}
     if name in ("matmul", "bmm", "mm", "baddbmm", "addmm"):

@@ -20,19 +20,52 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from surgery.ir.graph import Dataflow, Op, Ref
+
 if TYPE_CHECKING:
     from .sample import Selection
 
 
+# where a norm function takes its gain and shift, when called with them positionally
+_NORM_TENSOR_ARGS = {"layer_norm": {"weight": 2, "bias": 3}, "rms_norm": {"weight": 2}}
+
+
+def norm_tensors(op: Op) -> dict[str, str]:
+    """Role ("weight", "bias") -> parameter name of a norm op: a module's, or a norm function's
+    arguments (timm's LayerNorm calls F.layer_norm with its own weight and bias)."""
+    found = {role: op.params[role] for role in ("weight", "bias") if op.params.get(role)}
+    args, kwargs = op.attrs.get("args", ()), op.attrs.get("kwargs", {})
+    for role, at in _NORM_TENSOR_ARGS.get(op.attrs.get("fn", ""), {}).items():
+        ref = kwargs.get(role, args[at] if len(args) > at else None)
+        if isinstance(ref, Ref) and ref.param:
+            found.setdefault(role, ref.param)
+    return found
+
+
 def norm_params(selection: Selection) -> dict[str, str]:
     """Parameter name -> "weight" or "bias" for every feature norm (over the last axis) of the student."""
-    found = {}
-    for op in selection.s.flow.ops.values():
-        if op.kind == "norm" and op.attrs.get("normalized") == 1:
-            for role in ("weight", "bias"):
-                if op.params.get(role):
-                    found[op.params[role]] = role
-    return found
+    return {
+        name: role
+        for op in selection.s.flow.ops.values()
+        if op.kind == "norm" and op.attrs.get("normalized") == 1
+        for role, name in norm_tensors(op).items()
+    }
+
+
+def norm_module(flow: Dataflow, op: Op, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The module whose input is what norm `op` normalises: the norm module itself, or the module
+    that calls a norm function on its own input with its own parameters (timm's LayerNorm); None
+    when no module's input is that (a norm of a tensor computed inside the module)."""
+    if op.module in modules:
+        return modules[op.module]
+    path = op.scope[-1] if op.scope else None
+    tensors = norm_tensors(op).values()
+    if path not in modules or not tensors or any(not n.startswith(f"{path}.") for n in tensors):
+        return None
+    producer = flow.ops.get(op.inputs[0]) if op.inputs else None
+    if producer is not None and path in producer.scope:
+        return None  # computed inside the module (LayerNorm2d's permute): not the module's input
+    return modules[path]
 
 
 @torch.no_grad()
@@ -45,14 +78,15 @@ def residual_bases(selection: Selection, inputs: tuple[Any, ...]) -> dict[int, t
     modules = dict(selection.teacher.named_modules())
     readers: dict[int, list[nn.Module]] = {}
     for op in selection.t.flow.ops.values():
-        if op.kind != "norm" or op.attrs.get("normalized") != 1 or op.module not in modules:
+        if op.kind != "norm" or op.attrs.get("normalized") != 1:
             continue
+        module = norm_module(selection.t.flow, op, modules)
         axes = t.axes.get(op.inputs[0]) if op.inputs else None
-        if not axes or t.structure(axes[-1]) is not None:
+        if module is None or not axes or t.structure(axes[-1]) is not None:
             continue
         leaf = t.find(axes[-1])
         if 1 < kept.get(leaf, 0) < t.width(leaf):
-            readers.setdefault(leaf, []).append(modules[op.module])
+            readers.setdefault(leaf, []).append(module)
     if not readers:
         return {}
     moments = {leaf: _Moments() for leaf in readers}
