@@ -433,9 +433,9 @@ class Recipe:
     finetune_steps: int = 500
     # None: with a budget, chosen by measurement (from the top of `finetune_rates`, each fine-tunes
     # `rate_probe` of the fine-tuning steps from the same start, its rate ramped up linearly over
-    # the probe; the first whose held-out
-    # distillation loss ends below the start's is kept and its run continues: `probe_rate`; every
-    # probe step counts in the budget); with a schedule, the paper's SGD 0.01 (AdamW 1e-3)
+    # the probe; the first whose held-out distillation loss ends below the start's is kept and its
+    # run continues: `probe_rate`; every probe step counts in the budget); with a schedule, the
+    # paper's SGD 0.01 (AdamW 1e-3)
     finetune_lr: float | None = None
     # None: AdamW 1e-3, 3e-3, 1e-2, 2e-2 (2e-2 added on the held-out GPT's validation split: 77%
     # of the gap against 72% with 1e-2 on top; a fixed 3e-2 ended at 74%, docs/results.md); SGD
@@ -587,8 +587,8 @@ def probe_rate(
 ) -> tuple[float, int]:
     """The fine-tuning rate chosen by measurement: the largest of `recipe.finetune_rates` whose
     run of `recipe.rate_probe` of `steps` (the rate ramped up linearly over it) lowers the held-out
-    distillation loss below the model's as it is; that run is kept (the larger rates' runs are rolled back); when none lowers it, the
-    lowest. Not the lowest loss after the probe: a short run favours a small rate that ends worse
+    distillation loss below the model's as it is; that run is kept (the larger rates' runs are
+    rolled back); when none lowers it, the lowest. Not the lowest loss after the probe: a short run favours a small rate that ends worse
     (on the validation splits of bench/win_eval.py the lowest-loss rule picked 3e-3 where 1e-2
     ended best). Returns (the rate, the steps all probes spent), every step counted in the budget."""
     rates = sorted(recipe.finetune_rates or (), reverse=True)

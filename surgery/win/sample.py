@@ -16,6 +16,7 @@ every parameter and buffer is sliced the same way, whatever module it belongs to
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,9 +178,7 @@ class Selection:
         """Student leaf -> the teacher indices it takes (sorted)."""
         if select not in SELECTS:
             raise PlanError(f"select must be one of {SELECTS}, got {select!r}")
-        inputs = (
-            self.inputs if calibration is None else as_example_inputs(self.student, calibration)
-        )
+        inputs = self._calibration_inputs(calibration)
         energy = self.energies(inputs) if select in ("energy", "rotation") else {}
         units = "energy" if select == "rotation" else select
         s, t = self.s.spaces, self.t.spaces
@@ -206,6 +205,19 @@ class Selection:
         if select == "rotation":
             self.bases = residual_bases(self, inputs)
         return self.chosen
+
+    def turned(self, calibration: Any = None) -> Selection:
+        """This energy selection as `choose("rotation")` would make it, on a copy: the same units,
+        the residual stream turned; the teacher's energies are not measured again."""
+        other = copy.copy(self)
+        other.bases = residual_bases(other, self._calibration_inputs(calibration))
+        return other
+
+    def _calibration_inputs(self, calibration: Any) -> tuple[Any, ...]:
+        """The inputs units are chosen on: the calibration batch, else the example inputs."""
+        if calibration is None:
+            return self.inputs
+        return as_example_inputs(self.student, calibration)
 
     def energies(self, inputs: tuple[Any, ...]) -> dict[int, torch.Tensor]:
         """Teacher leaf -> mean square of each of its units where layers read them (the input of

@@ -1,8 +1,8 @@
 """The recipe's start, measured. With a budget (`sample_select="measured"`), candidates -- the
 student's own initialisation, and the teacher's units taken as a plain slice ("first"), evenly
 spaced ("uniform"), by energy, or with the residual stream turned onto its principal directions
-("rotation", where feature norms read the stream; elsewhere it is the energy selection) -- each distil for a few steps from the teacher, and the one whose
-held-out distillation loss ends lowest is kept with its run: the loss at the start itself does not
+("rotation", where feature norms read the stream; elsewhere it is the energy selection) -- each
+distil for a few steps from the teacher, and the one whose held-out distillation loss ends lowest is kept with its run: the loss at the start itself does not
 predict the end (a start refitted by least squares is far better at step 0 and no better after
 fine-tuning: on the validation splits of bench/win_eval.py the refitted candidates won the short
 probes and ended no better, so they are not candidates). Otherwise the thin student is taken step
@@ -31,7 +31,8 @@ from .steps import Log, distributed, mean_over_ranks, restore, snapshot
 Batch = tuple[Any, Any]
 Probe = Callable[[nn.Module, int, str], Any]  # (model, steps, stage name): distil it in place
 TOLERANCE = 1e-3  # a step changing the measure by less than this (relative) changed nothing
-# the teacher-unit selections a measured start tries ("rotation" only where it turns a stream)
+# the teacher-unit selections a measured start tries ("rotation" only where it turns a stream; it
+# takes the "energy" candidate's units, so it comes after it)
 MEASURED = ("first", "uniform", "energy", "rotation")
 
 
@@ -158,10 +159,13 @@ def measured_start(
     names = ["own initialisation"]
     selections: dict[str, Selection] = {}
     for select in MEASURED:
-        selection = Selection(student, teacher, inputs, scale=recipe.sample_scale)
-        selection.choose(select, calibration=fit)
-        if select == "rotation" and not selection.bases:
-            continue  # nothing turned: the energy selection again
+        if select == "rotation":  # the energy candidate's units, its energies not measured again
+            selection = selections["energy"].turned(fit)
+            if not selection.bases:
+                continue  # nothing turned: the energy selection again
+        else:
+            selection = Selection(student, teacher, inputs, scale=recipe.sample_scale)
+            selection.choose(select, calibration=fit)
         selections[select] = selection
         names.append(select)
     for note in dict.fromkeys(n for s in selections.values() for n in s.notes):
