@@ -7,7 +7,9 @@ import copy
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -372,14 +374,17 @@ def test_a_budget_recipe_spends_exactly_its_student_steps(trained_teacher, merge
     probed = sum(len(v) for k, v in result.log.stages.items() if k.startswith("rate probe"))
     started = sum(len(v) for k, v in result.log.stages.items() if k.startswith("start probe"))
     assert started == result.log.spent
-    # the start's candidates (own, 3 selections of the teacher's units) distil 2% each when that fits
-    each = max(1, round(0.02 * steps))
+    # the start's candidates (own, 3 selections of the teacher's units) distil `start_probe` of the
+    # budget each when that fits
+    each = max(1, round(win.Recipe().start_probe * steps))
     assert started == (4 * each if 4 * each * 4 <= steps else 0)
     tuned = steps - imitated - started
     # the fine-tuning rate, measured: the grid from the top, until a probe lowers the loss
     tried = [k for k in result.log.start if k.startswith("fine-tuning at")]
     grid = win.Recipe(steps=steps).for_model(DeepThin(), X).finetune_rates
-    assert 1 <= len(tried) <= len(grid) and probed == len(tried) * max(1, round(0.03 * tuned))
+    assert 1 <= len(tried) <= len(grid) and probed == len(tried) * max(
+        1, round(win.Recipe().rate_probe * tuned)
+    )
     assert imitated == round(steps * share)
     assert len(result.log.stages["fine-tune"]) + probed == tuned
     with pytest.raises(surgery.PlanError, match="restarts"):
@@ -407,19 +412,57 @@ def test_the_fine_tuning_rate_is_the_largest_whose_probe_lowers_the_loss(trained
 def test_a_rate_probe_ramps_up_to_its_rate(trained_teacher):
     """A rate probe warms up over its whole length (the run it stands for warms up too): its
     learning rate climbs linearly towards the rate probed, never jumping to it at the first step."""
+    recipe = win.Recipe(steps=200, sample_select="first", finetune_rates=(0.01, 0.03))
+    steps = _learning_rates(
+        lambda: win.win(DeepThin(), trained_teacher, synthetic_batches(), X, recipe)
+    )
+    rates = [lr for lr, _ in steps]
+    probe = round(win.Recipe().rate_probe * 200)
+    assert rates[:probe] == pytest.approx([0.03 * (i + 1) / (probe + 1) for i in range(probe)])
+
+
+def _learning_rates(run: Callable[[], Any]) -> list[tuple[float, tuple[float, float] | None]]:
+    """The (learning rate, AdamW betas) of every optimiser step `run` takes."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    rates: list[float] = []
+    seen: list[tuple[float, tuple[float, float] | None]] = []
     handle = register_optimizer_step_pre_hook(
-        lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"])
+        lambda opt, args, kwargs: seen.append(
+            (opt.param_groups[0]["lr"], opt.param_groups[0].get("betas"))
+        )
     )
     try:
-        recipe = win.Recipe(steps=200, sample_select="first", finetune_rates=(0.01, 0.03))
-        win.win(DeepThin(), trained_teacher, synthetic_batches(), X, recipe)
+        run()
     finally:
         handle.remove()
-    probe = round(0.03 * 200)
-    assert rates[:probe] == pytest.approx([0.03 * (i + 1) / (probe + 1) for i in range(probe)])
+    return seen
+
+
+@pytest.mark.parametrize("budget", [True, False])
+def test_fine_tuning_decays_linearly_with_a_budget_and_by_cosine_with_a_schedule(
+    budget, trained_teacher
+):
+    """With a budget the fine-tuning rate decays linearly to 0 after its warm-up and AdamW runs with
+    betas (0.9, 0.95); with a schedule, the paper's cosine and torch's betas."""
+    torch.manual_seed(0)
+    fields = dict(steps=60, sample_select="first") if budget else dict(finetune_steps=40)
+    recipe = win.Recipe(**fields, optimizer="adam", finetune_lr=0.01, imitation_steps=5)
+    result = None
+
+    def run() -> None:
+        nonlocal result
+        result = win.win(DeepThin(), trained_teacher, synthetic_batches(), X, recipe)
+
+    steps = _learning_rates(run)
+    n = len(result.log.stages["fine-tune"])
+    tuned, warm = steps[-n:], round(0.05 * n)
+    done = [(s - warm) / (n - warm) for s in range(warm, n)]
+    if budget:
+        expected = [0.01 * (1 - d) for d in done]
+    else:
+        expected = [0.01 * 0.5 * (1 + math.cos(math.pi * d)) for d in done]
+    assert [lr for lr, _ in tuned[warm:]] == pytest.approx(expected)
+    assert {b for _, b in tuned} == {(0.9, 0.95) if budget else (0.9, 0.999)}
 
 
 def test_recipe_defaults_are_chosen_from_the_model():
@@ -444,6 +487,10 @@ def test_recipe_defaults_are_chosen_from_the_model():
     )
     mine = win.Recipe(finetune_lr=3e-4, clip=0.5).for_model(attention, (tokens,))
     assert (mine.optimizer, mine.finetune_lr, mine.clip) == ("adam", 3e-4, 0.5)
+    # with a budget AdamW's rate decays linearly (measured on the transformers), SGD's by cosine
+    budget = win.Recipe(steps=100)
+    assert budget.for_model(attention, (tokens,)).decay == "linear"
+    assert budget.for_model(DeepThin(), X).decay == "cosine"
 
 
 def test_a_budget_takes_the_measured_recipe_and_a_schedule_the_papers():
