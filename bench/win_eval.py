@@ -19,6 +19,9 @@ Per benchmark: a thin student and a teacher twice as wide (win.widen), the teach
                      lowers the loss in a short run: imitation is off by default)
   default + imitation     the same with imitation_share=0.1 (WIN's stage 2: 10% of the steps
                      imitating the teacher's block outputs through widen/narrow pairs, then fold)
+Every row trains as the default fine-tunes (AdamW: 5% warm-up, clipping, the rate decaying
+linearly to 0, betas (0.9, 0.95); SGD: the paper's cosine); the teachers train with cosine decay
+and torch's betas.
 Tuning: every baseline's grid is run on the validation split with the development seeds; the best
 mean wins. The default recipe has no knob set here: its rate is probed inside its own budget.
 Test: 5 fresh seeds (other initialisations, other data orders), each row once, reported as mean +-
@@ -30,11 +33,13 @@ The curves (test metric every `eval_every` steps, mean over seeds) are drawn to 
 
     python bench/win_eval.py digits-vit --quick     # 2 test seeds, a short budget: a smoke run
     python bench/win_eval.py charlm-llama           # the full protocol
+    python bench/win_eval.py charlm-gpt2 --teachers ../teachers   # teachers kept for a rerun
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -197,7 +202,7 @@ BENCHES = {
         600,
         1800,
         "adam",
-        (1e-3, 3e-3, 1e-2, 2e-2),
+        (1e-3, 3e-3, 1e-2, 2e-2, 3.5e-2),
         3e-3,
         50,
         tokens_per_example=64,
@@ -211,7 +216,7 @@ BENCHES = {
         600,
         1800,
         "adam",
-        (1e-3, 3e-3, 1e-2, 2e-2),
+        (1e-3, 3e-3, 1e-2, 2e-2, 3.5e-2),
         3e-3,
         50,
         tokens_per_example=64,
@@ -225,7 +230,7 @@ BENCHES = {
         400,
         1200,
         "adam",
-        (1e-3, 3e-3, 1e-2, 2e-2),
+        (1e-3, 3e-3, 1e-2, 2e-2, 3.5e-2),
         3e-3,
         25,
     ),  # fmt: skip
@@ -303,7 +308,10 @@ def run_row(
     tokens = train[0][0].shape[0] * bench.tokens_per_example
     ps, pt = _params(student), _params(teacher)
     student_step, teacher_forward = 6 * ps * tokens, 2 * pt * tokens
-    opts = bench.opts()
+    # every row trains as the default recipe fine-tunes: its optimiser, warm-up, clipping, decay
+    # and AdamW betas (the teacher keeps `bench.opts()`: cosine, torch's betas)
+    chosen = win.Recipe(steps=bench.steps).for_model(student, x)
+    opts = {**bench.opts(), "decay": chosen.decay, "betas": chosen.betas}
     if row == "vanilla":
         win.train(student, train, bench.steps, lr=config["lr"], callback=track, **opts)
         flops = bench.steps * student_step
@@ -375,22 +383,35 @@ GRIDS = {
 }
 
 
+def _fingerprint(bench: Bench) -> str:
+    """What a teacher of `bench` depends on besides its seed: its steps, rate and options, the
+    student's tensors it widens, and torch's version (a cached teacher is reused only when equal)."""
+    shapes = {k: list(v.shape) for k, v in bench.student().state_dict().items()}
+    facts = [bench.teacher_steps, bench.teacher_rate, bench.opts(), shapes, torch.__version__]
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _teacher(bench: Bench, seed: int, folder: Path) -> tuple[str, float, float]:
-    """Stage 1: the 2x teacher of `seed`, trained and saved; (its path, val metric, test metric)."""
-    path = folder / f"teacher-{seed}.pt"
+    """Stage 1: the 2x teacher of `seed`, trained and saved in `folder` (or the one saved there
+    before with the same fingerprint, `--teachers`); (its path, val metric, test metric)."""
+    path = folder / f"{bench.name}-teacher-{seed}-{_fingerprint(bench)}.pt"
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     splits = bench.splits()
-    student = bench.student()
-    teacher = win.widen(student, 2.0, splits["train"][0][0][:2])
-    win.train(
-        teacher,
-        _shuffled(splits["train"], seed),
-        bench.teacher_steps,
-        lr=bench.teacher_rate,
-        **bench.opts(),
-    )
-    torch.save(teacher, path)
+    if path.exists():
+        teacher = torch.load(path, weights_only=False)
+    else:
+        teacher = win.widen(bench.student(), 2.0, splits["train"][0][0][:2])
+        win.train(
+            teacher,
+            _shuffled(splits["train"], seed),
+            bench.teacher_steps,
+            lr=bench.teacher_rate,
+            **bench.opts(),
+        )
+        partial = path.with_suffix(".partial")
+        torch.save(teacher, partial)
+        partial.replace(path)
     return (
         str(path),
         evaluate(bench, teacher, splits["val"]),
@@ -635,6 +656,12 @@ def main() -> None:
         help="an earlier run's JSON: its validation runs and baseline test runs are taken, not "
         "run again (checked to be the same runs); the library's rows always run",
     )
+    parser.add_argument(
+        "--teachers",
+        type=Path,
+        help="a folder keeping the trained teachers: one trained before with the same settings "
+        "is loaded instead of trained again (default: a temporary folder)",
+    )
     args = parser.parse_args()
     reuse = json.loads(args.reuse.read_text()) if args.reuse else None
     bench = BENCHES[args.bench]
@@ -651,8 +678,10 @@ def main() -> None:
         test_seeds, dev_seeds = TEST_SEEDS[:2], DEV_SEEDS[:1]
     import tempfile
 
-    with tempfile.TemporaryDirectory() as folder:
-        result = protocol(bench, test_seeds, dev_seeds, args.workers, Path(folder), reuse)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.teachers or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        result = protocol(bench, test_seeds, dev_seeds, args.workers, folder, reuse)
     print(table(bench, result))
     root = Path(__file__).parents[1] / "docs" / "results"
     suffix = "-quick" if args.quick else ""
