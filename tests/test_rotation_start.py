@@ -25,6 +25,21 @@ class FunctionalRMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
+class OffsetRMSNorm(nn.Module):
+    """An RMSNorm whose weight holds its gain minus 1 (Gemma's: zeros at initialisation)."""
+
+    OFFSET = 1.0
+
+    def __init__(self, width: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * scale * (1.0 + self.weight)
+
+
 class RMSNet(nn.Module):
     """Pre-RMSNorm residual MLP blocks over token embeddings, an untied head."""
 
@@ -52,9 +67,10 @@ def _hidden_copy(thin: RMSNet, basis: torch.Tensor) -> RMSNet:
     d, h = thin.embed.weight.shape[1], thin.ins[0].out_features
     wide = RMSNet(2 * d, 2 * h, len(thin.ins), type(thin.final))
     q = basis.float()
+    gain = math.sqrt(0.5) - getattr(type(thin.final), "OFFSET", 0.0)  # what the weight holds
     wide.embed.weight.copy_(thin.embed.weight @ q.T)
     for i in range(len(thin.ins)):
-        wide.norms[i].weight.fill_(math.sqrt(0.5))
+        wide.norms[i].weight.fill_(gain)
         wide.ins[i].weight.zero_()
         wide.ins[i].bias.zero_()
         wide.ins[i].weight[:h] = thin.ins[i].weight @ q.T
@@ -62,13 +78,13 @@ def _hidden_copy(thin: RMSNet, basis: torch.Tensor) -> RMSNet:
         wide.outs[i].weight.zero_()
         wide.outs[i].weight[:, :h] = q @ thin.outs[i].weight
         wide.outs[i].bias.copy_(q @ thin.outs[i].bias)
-    wide.final.weight.fill_(math.sqrt(0.5))
+    wide.final.weight.fill_(gain)
     wide.head.weight.copy_(thin.head.weight @ q.T)
     wide.head.bias.copy_(thin.head.bias)
     return wide.eval()
 
 
-@pytest.mark.parametrize("norm", [nn.RMSNorm, FunctionalRMSNorm])
+@pytest.mark.parametrize("norm", [nn.RMSNorm, FunctionalRMSNorm, OffsetRMSNorm])
 def test_a_teacher_hiding_a_thin_model_in_a_turned_subspace_gives_it_back(norm):
     torch.manual_seed(0)
     thin = RMSNet(8, 12, norm=norm).eval()
@@ -169,3 +185,25 @@ def test_a_norm_of_a_tensor_made_inside_its_module_is_not_read_from_the_module_i
     selection = Selection(student, teacher, x)
     selection.choose("rotation", calibration=torch.randn(16, 3, 16, 16))
     assert selection.bases == {}
+
+
+@pytest.mark.parametrize("family", ["Gemma", "Llama"])
+def test_a_norm_gain_stored_as_an_offset_is_measured(family):
+    """Gemma's RMSNorm multiplies by 1 + weight: the rotation reads its gain as 1 + weight (and
+    writes weight = gain - 1); Llama's multiplies by the weight itself: no offset."""
+    transformers = pytest.importorskip("transformers")
+    from surgery.win.rotate import gain_offsets
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=16,
+    )  # fmt: skip
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    offsets = gain_offsets(model, Selection(model, model, (ids,)).t.flow)
+    norms = [n for n, p in model.named_parameters() if "norm" in n]
+    if family == "Gemma":
+        assert sorted(offsets) == sorted(norms) and len(norms) == 5
+        assert all(torch.allclose(v, torch.ones_like(v)) for v in offsets.values())
+    else:
+        assert offsets == {}

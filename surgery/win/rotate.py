@@ -52,6 +52,47 @@ def norm_params(selection: Selection) -> dict[str, str]:
     }
 
 
+def gain_offsets(model: nn.Module, flow: Dataflow) -> dict[str, torch.Tensor]:
+    """Weight name -> the part of a feature norm's gain its weight does not hold, for each norm
+    whose gain is `offset + weight` with an offset (Gemma's RMSNorm multiplies by 1 + weight).
+    Measured, not assumed: the norm module's output with its weight at 0 and at 1 (its bias at 0)."""
+    modules = dict(model.named_modules())
+    offsets = {}
+    for op in flow.ops.values():
+        if op.kind != "norm" or op.attrs.get("normalized") != 1:
+            continue
+        module, weight = norm_module(flow, op, modules), norm_tensors(op).get("weight")
+        if module is None or weight is None:
+            continue
+        offset = _gain_offset(module, model.get_parameter(weight))
+        if offset is not None:
+            offsets[weight] = offset
+    return offsets
+
+
+@torch.no_grad()
+def _gain_offset(norm: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """Per feature, what `norm`'s gain is when its `weight` is 0, relative to the gain one unit of
+    weight adds (None: 0, the gain is the weight)."""
+    bias = getattr(norm, "bias", None)
+    saved = [(t, t.detach().clone()) for t in (weight, bias) if isinstance(t, torch.Tensor)]
+    x = torch.randn(16, weight.shape[-1], generator=torch.Generator().manual_seed(0))
+    x = x.to(weight)
+    try:
+        if isinstance(bias, torch.Tensor):
+            bias.zero_()
+        weight.zero_()
+        at_zero = norm(x).double()
+        weight.fill_(1)
+        unit = norm(x).double() - at_zero
+    finally:
+        for tensor, value in saved:
+            tensor.copy_(value)
+    if at_zero.abs().max() <= 1e-6 * unit.abs().max():
+        return None
+    return (at_zero * unit).sum(0) / (unit * unit).sum(0).clamp_min(1e-30)
+
+
 def norm_module(flow: Dataflow, op: Op, modules: dict[str, nn.Module]) -> nn.Module | None:
     """The module whose input is what norm `op` normalises: the norm module itself, or the module
     that calls a norm function on its own input with its own parameters (timm's LayerNorm); None
@@ -152,12 +193,23 @@ def _basis(second: torch.Tensor, d: int, centred: bool) -> torch.Tensor:
     return torch.cat([top, mean], 1) @ turn
 
 
-def rotated(value: torch.Tensor, dim: int, basis: torch.Tensor, role: str | None) -> torch.Tensor:
+def rotated(
+    value: torch.Tensor,
+    dim: int,
+    basis: torch.Tensor,
+    role: str | None,
+    offsets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+) -> torch.Tensor:
     """A teacher tensor's `dim` taken into the basis: contracted with it (embeddings, weights,
     biases, a norm's bias), or for a norm's gain its best diagonal, scaled by sqrt(D / d) (the
-    student's norm divides by the size of d features, the teacher's by D)."""
+    student's norm divides by the size of d features, the teacher's by D); `offsets`: the
+    teacher's and the student's norm gain offsets (`gain_offsets`), for a weight that holds
+    gain - offset."""
     big, small = basis.shape
     if role == "weight":
-        return math.sqrt(big / small) * (basis**2).T @ value.double()
+        teacher, student = offsets
+        gain = value.double() + (teacher.to(value.device) if teacher is not None else 0)
+        gain = math.sqrt(big / small) * (basis**2).T @ gain
+        return gain - (student.to(gain.device) if student is not None else 0)
     out = torch.tensordot(value.double().movedim(dim, -1), basis, dims=([-1], [0]))
     return out.movedim(-1, dim)

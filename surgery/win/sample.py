@@ -31,7 +31,7 @@ from surgery.analysis.widths import WidthTable, width_groups
 from surgery.errors import PlanError
 from surgery.ir.capture import as_example_inputs
 
-from .rotate import norm_params, residual_bases, rotated
+from .rotate import gain_offsets, norm_params, residual_bases, rotated
 
 SELECTS = ("energy", "random", "first", "uniform", "rotation")
 SCALES = ("fan_in", "sqrt", "none")
@@ -315,6 +315,11 @@ class Selection:
         t_state = self.teacher.state_dict(keep_vars=True)
         input_dims = self._input_dims()
         roles = norm_params(self) if self.bases else {}
+        offsets = (
+            (gain_offsets(self.teacher, self.t.flow), gain_offsets(self.student, self.s.flow))
+            if self.bases
+            else ({}, {})
+        )
         done: dict[int, list[torch.Tensor | None]] = {}
         taken: dict[str, list[torch.Tensor | None]] = {}
         for name, tensor in s_state.items():
@@ -329,7 +334,8 @@ class Selection:
             turned = self._rotated_dims(name)
             for d, index in enumerate(indices):
                 if d in turned:
-                    value = rotated(value, d, turned[d].to(value.device), roles.get(name))
+                    ends = (offsets[0].get(name), offsets[1].get(name))
+                    value = rotated(value, d, turned[d].to(value.device), roles.get(name), ends)
                 elif index is not None:
                     value = value.index_select(d, index.to(value.device))
             d_in = input_dims.get(name)
