@@ -104,14 +104,26 @@ def bits(net: nn.Module, data: list) -> float:
     return loss / len(data) / math.log(2)
 
 
-def fit(net: nn.Module, batches: list, steps: int, lr: float, teacher: nn.Module | None) -> None:
-    """The user's loop: AdamW, 5% warm-up then cosine, clipped gradients; KD = KL to the teacher."""
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+def fit(
+    net: nn.Module,
+    batches: list,
+    steps: int,
+    lr: float,
+    teacher: nn.Module | None,
+    linear: bool = False,
+) -> None:
+    """The user's loop: AdamW, 5% warm-up then cosine, clipped gradients; KD = KL to the teacher.
+    `linear`: the library's fine-tuning settings instead (a linear decay to 0, betas (0.9, 0.95)),
+    to see how much of the default's lead they are (bench/win_heldout_dev.py)."""
+    betas = (0.9, 0.95) if linear else (0.9, 0.999)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01, betas=betas)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
-    )
+
+    def decay(s: int) -> float:
+        done = min(s, steps) / steps
+        return 1 - done if linear else 0.5 * (1 + math.cos(math.pi * done))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * decay(s))
     for step in range(steps):
         x, y = batches[step % len(batches)]
         logits = net(x)

@@ -7,7 +7,8 @@ default's share of the gap without looking at the check itself.
     python bench/win_heldout_dev.py 'recipe:{"temperature": 2.0}' 400,401
 
 Variants: "vanilla@LR" and "kd@LR" (the user's loop), "SELECT@LR" (sample_from_teacher with
-select=SELECT, then the user's KD loop: "first" is the naive slice), "default"
+select=SELECT, then the user's KD loop: "first" is the naive slice; "@LR+": the user's loop with
+the library's fine-tuning decay and betas), "default"
 (`Recipe(steps=1200)`), "recipe:JSON" (the default with those fields set). Each result is appended
 to OUT/results.jsonl; the share of the gap is printed per layout and seed at the end.
 """
@@ -52,9 +53,11 @@ def _variant(name: str, layout: str, seed: int, train: list, teacher: torch.nn.M
         fields = json.loads(name.split(":", 1)[1]) if ":" in name else {}
         return win.win(student, teacher, train, x, win.Recipe(**{"steps": STEPS, **fields})).thin
     how, lr = name.split("@")
+    linear = lr.endswith("+")  # the user's loop with the library's decay and betas
     if how not in ("vanilla", "kd"):
         win.sample_from_teacher(student, teacher, x, select=how)
-    held.fit(student, train, STEPS, float(lr), None if how == "vanilla" else teacher)
+    teaching = None if how == "vanilla" else teacher
+    held.fit(student, train, STEPS, float(lr.rstrip("+")), teaching, linear=linear)
     return student
 
 
