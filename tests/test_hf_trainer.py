@@ -150,3 +150,19 @@ def test_gradient_accumulation_and_bf16_keep_the_budget_in_optimizer_steps(tmp_p
     assert steps_1 == steps_2 == RECIPE.steps == len(logged_losses(run))
     assert read_2 - read_1 == RECIPE.steps
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in run.model.parameters())
+
+
+def test_optimiser_arguments_the_recipe_overrides_are_not_dropped_silently(tmp_path):
+    """TrainingArguments' learning rate, scheduler, betas... are the recipe's in a WIN run: setting
+    them away from their defaults warns and names the Recipe field to use; the defaults do not."""
+    import warnings
+
+    student, teacher, data = setup()
+    with pytest.warns(UserWarning) as caught:
+        trainer(student, teacher, data, tmp_path, learning_rate=1e-3, adam_beta2=0.98)
+    text = " ".join(str(w.message) for w in caught)
+    assert "learning_rate=0.001 (Recipe finetune_lr=)" in text
+    assert "adam_beta2=0.98 (Recipe betas=)" in text
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="WinTrainer", category=UserWarning)
+        trainer(student, teacher, data, tmp_path)

@@ -17,10 +17,12 @@ runs and the one in progress (`surgery.win.session`): resuming replays the run b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -99,6 +101,31 @@ class WinBatches:
         return move(batch[self.input_name]), (move(labels) if labels is not None else None)
 
 
+# TrainingArguments' optimiser settings -> the Recipe field that sets them in a WIN run
+_OPTIMISER_ARGUMENTS = {
+    "learning_rate": "finetune_lr",
+    "lr_scheduler_type": "decay",
+    "warmup_ratio": "warmup",
+    "warmup_steps": "warmup",
+    "adam_beta1": "betas",
+    "adam_beta2": "betas",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "clip",
+    "optim": "optimizer",
+}
+
+
+def _unused_optimiser_arguments(args: Any) -> list[str]:
+    """The optimiser settings of `args` set away from TrainingArguments' defaults, each with the
+    Recipe field to use instead: a WIN run does not read them, and should not do so silently."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
+    return [
+        f"{name}={getattr(getattr(args, name), 'value', getattr(args, name))!r} (Recipe {field}=)"
+        for name, field in _OPTIMISER_ARGUMENTS.items()
+        if name in defaults and getattr(args, name, None) != defaults[name]
+    ]
+
+
 class WinTrainer(Trainer):
     """A `transformers.Trainer` whose `train()` runs WIN on `model` (the thin student) from
     `teacher` with `recipe` (default `win.Recipe()`), then holds the folded thin model as
@@ -117,6 +144,14 @@ class WinTrainer(Trainer):
         self.teacher = teacher.to(self.args.device)
         self.recipe = recipe or Recipe()
         self.win_result: WinResult | None = None
+        unused = _unused_optimiser_arguments(self.args)
+        if unused:
+            warnings.warn(
+                f"WinTrainer: TrainingArguments {', '.join(unused)} are not used: the WIN recipe "
+                "sets the optimiser (with a budget it probes the rate); set them on win.Recipe",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def win_batches(self) -> WinBatches:
         """The batches `train()` runs on (this process's share), as `win.win` takes them."""
