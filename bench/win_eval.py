@@ -310,7 +310,7 @@ def run_row(
     student_step, teacher_forward = 6 * ps * tokens, 2 * pt * tokens
     # every row trains as the default recipe fine-tunes: its optimiser, warm-up, clipping, decay
     # and AdamW betas (the teacher keeps `bench.opts()`: cosine, torch's betas)
-    chosen = win.Recipe(steps=bench.steps).for_model(student, x)
+    chosen = win.Recipe(steps=bench.steps, optimizer=bench.optimizer).for_model(student, x)
     opts = {**bench.opts(), "decay": chosen.decay, "betas": chosen.betas}
     if row == "vanilla":
         win.train(student, train, bench.steps, lr=config["lr"], callback=track, **opts)

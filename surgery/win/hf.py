@@ -119,11 +119,13 @@ def _unused_optimiser_arguments(args: Any) -> list[str]:
     """The optimiser settings of `args` set away from TrainingArguments' defaults, each with the
     Recipe field to use instead: a WIN run does not read them, and should not do so silently."""
     defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
-    return [
-        f"{name}={getattr(getattr(args, name), 'value', getattr(args, name))!r} (Recipe {field}=)"
-        for name, field in _OPTIMISER_ARGUMENTS.items()
-        if name in defaults and getattr(args, name, None) != defaults[name]
-    ]
+    unused = []
+    for name, field in _OPTIMISER_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        if name in defaults and value != defaults[name]:
+            value = getattr(value, "value", value)  # an enum (lr_scheduler_type) as its name
+            unused.append(f"{name}={value!r} (Recipe {field}=)")
+    return unused
 
 
 class WinTrainer(Trainer):

@@ -190,7 +190,8 @@ def train(
     callback(model, step) runs after every step (step counts from 1; e.g. to evaluate: the model is
     put back in training mode after it). warmup: share of the steps of linear learning-rate warm-up
     before the decay to 0 ("cosine" or "linear"); clip: gradient-norm clipping (None: off) —
-    transformers want both; betas: AdamW's. sharding: how it trains under torchrun (see `_wrap`); "fsdp" shards `model` in place."""
+    transformers want both; betas: AdamW's. sharding: how it trains under torchrun (see `_wrap`);
+    "fsdp" shards `model` in place."""
     net = _wrap(model, sharding)
     net.train()
     if teacher is not None:
@@ -218,7 +219,15 @@ def train(
             net,
             steps,
             lambda scale, n: _optimizer(
-                net, n, lr * scale, momentum, weight_decay, optimizer, warmup, None, decay, betas
+                net,
+                n,
+                lr * scale,
+                momentum,
+                weight_decay,
+                optimizer,
+                warmup,
+                decay=decay,
+                betas=betas,
             ),
             loss_of,
             _cycle(batches),
@@ -421,9 +430,9 @@ def _reinitialise(model: nn.Module, modules: list[str], seed: int) -> None:
 class Recipe:
     """WIN stages 2-3. Given a budget (`steps=N`), every field left unset takes the recipe chosen on
     the validation splits of bench/win_eval.py (the measured start, then KD fine-tuning at a probed
-    rate (AdamW: decaying linearly to 0, betas (0.9, 0.95)); imitation when `imitation_share` is set: closed-form M1, normalised MSE, fold after
-    imitation); given a schedule (`imitation_steps`, `finetune_steps`), the paper's Section 5
-    defaults."""
+    rate (AdamW: decaying linearly to 0, betas (0.9, 0.95)); imitation when `imitation_share` is
+    set: closed-form M1, normalised MSE, fold after imitation); given a schedule
+    (`imitation_steps`, `finetune_steps`), the paper's Section 5 defaults."""
 
     stages: str | Sequence[Sequence[str]] = (
         "blocks"  # "blocks" (each its own), "resolution", or explicit chunks

@@ -42,12 +42,17 @@ def norm_tensors(op: Op) -> dict[str, str]:
     return found
 
 
+def feature_norms(flow: Dataflow) -> list[Op]:
+    """The norm ops of `flow` over the last axis alone (LayerNorm, RMSNorm): the ones that read a
+    stream's direction, which the rotation can turn."""
+    return [op for op in flow.ops.values() if op.kind == "norm" and op.attrs.get("normalized") == 1]
+
+
 def norm_params(selection: Selection) -> dict[str, str]:
     """Parameter name -> "weight" or "bias" for every feature norm (over the last axis) of the student."""
     return {
         name: role
-        for op in selection.s.flow.ops.values()
-        if op.kind == "norm" and op.attrs.get("normalized") == 1
+        for op in feature_norms(selection.s.flow)
         for role, name in norm_tensors(op).items()
     }
 
@@ -58,9 +63,7 @@ def gain_offsets(model: nn.Module, flow: Dataflow) -> dict[str, torch.Tensor]:
     Measured, not assumed: the norm module's output with its weight at 0 and at 1 (its bias at 0)."""
     modules = dict(model.named_modules())
     offsets = {}
-    for op in flow.ops.values():
-        if op.kind != "norm" or op.attrs.get("normalized") != 1:
-            continue
+    for op in feature_norms(flow):
         module, weight = norm_module(flow, op, modules), norm_tensors(op).get("weight")
         if module is None or weight is None:
             continue
@@ -118,9 +121,7 @@ def residual_bases(selection: Selection, inputs: tuple[Any, ...]) -> dict[int, t
     kept = {target: s.width(leaf) for leaf, target in selection.pairs.items()}
     modules = dict(selection.teacher.named_modules())
     readers: dict[int, list[nn.Module]] = {}
-    for op in selection.t.flow.ops.values():
-        if op.kind != "norm" or op.attrs.get("normalized") != 1:
-            continue
+    for op in feature_norms(selection.t.flow):
         module = norm_module(selection.t.flow, op, modules)
         axes = t.axes.get(op.inputs[0]) if op.inputs else None
         if module is None or not axes or t.structure(axes[-1]) is not None:
