@@ -45,7 +45,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,6 +448,15 @@ def _reusable(reuse: dict | None, teachers: dict, test_seeds: tuple[int, ...]) -
     return reuse
 
 
+def _progress(results: Iterable, total: int, label: str, started: float) -> Iterator:
+    """`results` passed through, a line printed at every tenth of `total` (the runs take an hour)."""
+    marks = {math.ceil(total * k / 10) for k in range(1, 11)}
+    for done, result in enumerate(results, 1):
+        if done in marks:
+            print(f"{label}: {done}/{total} runs ({time.time() - started:.0f} s)", flush=True)
+        yield result
+
+
 def protocol(
     bench: Bench,
     test_seeds: tuple[int, ...],
@@ -486,7 +495,10 @@ def protocol(
             if config_key(row, config) not in dev
             for seed in dev_seeds
         ]
-        for row, config, _, run in pool.map(_task, jobs):  # in seed order per configuration
+        validation = _progress(
+            pool.map(_task, jobs), len(jobs), f"[{bench.name}] validation", started
+        )
+        for row, config, _, run in validation:  # in seed order per configuration
             dev.setdefault(config_key(row, config), []).append(run.metric)
         sign = 1 if bench.lower_is_better else -1
         chosen = {
@@ -524,7 +536,7 @@ def protocol(
                     teachers[test_seeds[0]][0],
                 )
             )
-        runs = list(pool.map(_task, jobs))
+        runs = list(_progress(pool.map(_task, jobs), len(jobs), f"[{bench.name}] test", started))
     if reused:
         row, _, seed, again = runs.pop()
         if again.metric != test[row][seed].metric:
