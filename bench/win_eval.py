@@ -674,6 +674,13 @@ def main() -> None:
         help="a folder keeping the trained teachers: one trained before with the same settings "
         "is loaded instead of trained again (default: a temporary folder)",
     )
+    parser.add_argument(
+        "--test-seeds",
+        type=int,
+        nargs="+",
+        help=f"the test split's seeds (default {' '.join(map(str, TEST_SEEDS))}): seeds never run "
+        "before confirm a table whose seeds have seen earlier defaults",
+    )
     args = parser.parse_args()
     reuse = json.loads(args.reuse.read_text()) if args.reuse else None
     bench = BENCHES[args.bench]
@@ -688,6 +695,8 @@ def main() -> None:
             }
         )
         test_seeds, dev_seeds = TEST_SEEDS[:2], DEV_SEEDS[:1]
+    if args.test_seeds:
+        test_seeds = tuple(args.test_seeds)
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
