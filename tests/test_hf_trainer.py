@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,8 +156,6 @@ def test_gradient_accumulation_and_bf16_keep_the_budget_in_optimizer_steps(tmp_p
 def test_optimiser_arguments_the_recipe_overrides_are_not_dropped_silently(tmp_path):
     """TrainingArguments' learning rate, scheduler, betas... are the recipe's in a WIN run: setting
     them away from their defaults warns and names the Recipe field to use; the defaults do not."""
-    import warnings
-
     student, teacher, data = setup()
     with pytest.warns(UserWarning) as caught:
         trainer(student, teacher, data, tmp_path, learning_rate=1e-3, adam_beta2=0.98)
